@@ -1,0 +1,58 @@
+# Set-up and entry points. `make repro` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Stages run `python ...` from dvc.yaml: make sure that is the project's interpreter.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+
+FMNIST_LOCAL := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: help venv data-source repro test test-fast bench mlflow-ui clean
+
+help:
+	@echo "make repro      set up .venv and run the whole pipeline (dvc repro)"
+	@echo "make test       set up .venv and run the whole test suite"
+	@echo "make test-fast  the tests not marked slow"
+	@echo "make mlflow-ui  browse the runs at http://127.0.0.1:5000"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	@touch $@
+
+# The default mirror list starts with Debian's copy of Fashion-MNIST. Install it when
+# apt-get can (root, Debian/Ubuntu); elsewhere the download stage uses the online mirrors.
+data-source:
+	@if [ -f $(FMNIST_LOCAL) ]; then \
+	  echo "data source: local copy in $(dir $(FMNIST_LOCAL))"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "data source: installing Debian's dataset-fashion-mnist"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } || \
+	    echo "data source: apt-get could not install it; the download stage will use the online mirrors"; \
+	else \
+	  echo "data source: no local copy; the download stage will use the online mirrors"; \
+	fi
+
+repro: venv data-source
+	dvc repro
+
+test: venv data-source
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+mlflow-ui: venv
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,36 @@
+"""What every stage entry point shares: logging set-up and the one-line error contract."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from imgclf.errors import PipelineError
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage; a PipelineError becomes one line on stderr and exit status 2.
+
+    IMGCLF_DEBUG=1 shows the full traceback instead.
+    """
+    logging.basicConfig(
+        level=os.environ.get("IMGCLF_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Third-party chatter (alembic migrations, mlflow notices) is not our stage's log.
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        main()
+    except PipelineError as exc:
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs of this stage were left as they were", file=sys.stderr)
+        sys.exit(130)

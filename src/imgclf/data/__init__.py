@@ -1,0 +1,1 @@
+"""Data: fetching (download), the IDX file format (idx), splitting and loading (dataset)."""

@@ -1,0 +1,142 @@
+"""Data sets known to the pipeline, the train/validation split, and the processed arrays.
+
+Processed data is plain `.npy` (uint8 images, int64 labels) plus `meta.json`: no pickles,
+byte-identical for the same inputs and seed, and loadable without this library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.atomic import write_json
+from imgclf.data import idx
+from imgclf.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    classes: tuple[str, ...]
+    train_images: str
+    train_labels: str
+    test_images: str
+    test_labels: str
+
+
+_IDX_FILES = dict(
+    train_images="train-images-idx3-ubyte",
+    train_labels="train-labels-idx1-ubyte",
+    test_images="t10k-images-idx3-ubyte",
+    test_labels="t10k-labels-idx1-ubyte",
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec(
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        **_IDX_FILES,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, (N, C, H, W)
+    labels: np.ndarray  # int64, (N,)
+
+
+def load_raw(raw_dir: Path, dataset: str) -> tuple[Split, Split, tuple[str, ...]]:
+    """Official train and test splits from data/raw, checked for shape and label range."""
+    spec = DATASETS[dataset]
+    out = []
+    for images_name, labels_name in ((spec.train_images, spec.train_labels), (spec.test_images, spec.test_labels)):
+        images = idx.read(raw_dir / images_name)
+        labels = idx.read(raw_dir / labels_name)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{raw_dir / images_name}: expected N images of HxW and N labels, "
+                f"got images {images.shape} and labels {labels.shape}"
+            )
+        _check_labels(labels, len(spec.classes), str(raw_dir / labels_name))
+        out.append(Split(images[:, None, :, :], labels.astype(np.int64)))
+    return out[0], out[1], spec.classes
+
+
+def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
+    bad = int(np.count_nonzero((labels < 0) | (labels >= n_classes)))
+    if bad:
+        raise DataError(f"{where}: {bad} labels outside 0..{n_classes - 1}")
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), each sorted, with every class split in the same proportion.
+
+    This is the project's only train/validation split: later stages read it, never redo it.
+    """
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        rng.shuffle(members)
+        n_val = int(round(len(members) * val_fraction))
+        if n_val == 0 or n_val == len(members):
+            raise DataError(
+                f"class {int(cls)} has {len(members)} images: val_fraction {val_fraction} leaves "
+                "one side of the split empty"
+            )
+        val_idx.append(members[:n_val])
+        train_idx.append(members[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixel/255, from the training split only."""
+    x = images.astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 2, 3))
+    std = x.std(axis=(0, 2, 3))
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def save_processed(out_dir: Path, splits: dict[str, Split], meta: dict[str, Any]) -> None:
+    for name, split in splits.items():
+        np.save(out_dir / f"{name}_images.npy", np.ascontiguousarray(split.images), allow_pickle=False)
+        np.save(out_dir / f"{name}_labels.npy", split.labels, allow_pickle=False)
+    write_json(out_dir / "meta.json", meta)
+
+
+def load_meta(processed_dir: Path) -> dict[str, Any]:
+    path = processed_dir / "meta.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: run `dvc repro preprocess` first") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+
+
+def load_split(processed_dir: Path, name: str, meta: dict[str, Any]) -> Split:
+    """One processed split, checked against meta.json (dtype, shape, label range)."""
+    arrays = []
+    for kind in ("images", "labels"):
+        path = processed_dir / f"{name}_{kind}.npy"
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing: run `dvc repro preprocess` first") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: not a plain numeric .npy file ({exc})") from None
+    images, labels = arrays
+    shape = tuple(meta["shape"])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape:
+        raise DataError(f"{name}_images.npy: expected uint8 (N, {', '.join(map(str, shape))}), "
+                        f"got {images.dtype} {images.shape}")
+    if labels.dtype != np.int64 or labels.shape != (len(images),):
+        raise DataError(f"{name}_labels.npy: expected int64 ({len(images)},), got {labels.dtype} {labels.shape}")
+    _check_labels(labels, len(meta["classes"]), f"{name}_labels.npy")
+    return Split(images, labels)

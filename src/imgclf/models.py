@@ -1,0 +1,124 @@
+"""The lesson's two models, as plain `nn.Module`s with explicit constructor arguments.
+
+MLP: the image is flattened into one vector; every hidden unit sees every pixel, so the
+     first layer alone has C*H*W*hidden weights and no notion of which pixels are neighbours.
+CNN: the image keeps its grid; small 3x3 filters are shared across positions (sparse, local
+     connections) and pooling halves the grid per block, so far fewer weights see more structure.
+Both use ReLU in hidden layers. With `log_probs=True` the forward pass ends in log_softmax, so
+the output is class log-probabilities (to pair with NLLLoss); otherwise it returns raw scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.config import CNNConfig, MLPConfig
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        log_probs: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_shape[0] * in_shape[1] * in_shape[2]
+        for size in hidden:
+            layers.append(nn.Linear(width, size, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(size))
+            layers.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.log_probs = log_probs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return torch.log_softmax(out, dim=1) if self.log_probs else out
+
+
+class CNN(nn.Module):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: list[int],
+        hidden: int,
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+        log_probs: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, (h, w) = in_shape[0], in_shape[1:]
+        for c_out in channels:
+            # One block: 3x3 convolution (padding keeps the size), ReLU, then 2x2 max-pooling.
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in, h, w = c_out, h // 2, w // 2
+        if h == 0 or w == 0:
+            raise ValueError(f"{len(channels)} pooling blocks shrink a {in_shape[1]}x{in_shape[2]} image to nothing")
+        self.features = nn.Sequential(*layers)
+        # The flattened size follows from the input size and the number of blocks.
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c_in * h * w, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        self.log_probs = log_probs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.features(x))
+        return torch.log_softmax(out, dim=1) if self.log_probs else out
+
+
+def build_model(cfg: MLPConfig | CNNConfig, in_shape: tuple[int, int, int], num_classes: int, log_probs: bool) -> nn.Module:
+    """The model described by `models.<name>` in params.yaml."""
+    if isinstance(cfg, MLPConfig):
+        return MLP(in_shape, num_classes, cfg.hidden, cfg.dropout, cfg.batch_norm, log_probs)
+    return CNN(in_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout, cfg.batch_norm, log_probs)
+
+
+def architecture(cfg: MLPConfig | CNNConfig) -> dict[str, Any]:
+    """The architecture part of a model config, as stored in checkpoints."""
+    return cfg.model_dump(exclude={"train"})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Classifier(nn.Module):
+    """A trained model plus its input normalization: raw pixels (0..255) in, probabilities out.
+
+    This is what MLflow logs and serves, so a client needs no knowledge of the training
+    statistics: it sends images as they are stored (N, C, H, W) and gets class probabilities.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.float() - self.mean) / self.std
+        out = self.model(x)
+        # A log_softmax model already returns log-probabilities; softmax of those is exp.
+        return torch.softmax(out, dim=1)

@@ -1,0 +1,41 @@
+"""Every path the pipeline uses, derived from the project root, never from the CWD."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# src/imgclf/paths.py -> project root. Stages import the library from their own checkout
+# (see stages/_bootstrap.py), so under `dvc exp run --temp` this is the temporary copy.
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_FILE = ROOT / "params.yaml"
+
+RAW_DIR = ROOT / "data" / "raw"
+PROCESSED_DIR = ROOT / "data" / "processed"
+MODELS_DIR = ROOT / "models"
+METRICS_DIR = ROOT / "metrics"
+REPORTS_DIR = ROOT / "reports"
+
+
+def model_dir(name: str) -> Path:
+    return MODELS_DIR / name
+
+
+def metrics_dir(name: str) -> Path:
+    return METRICS_DIR / name
+
+
+def home_root() -> Path:
+    """The user's checkout, also when DVC runs a queued experiment in a temporary copy.
+
+    `dvc exp run --queue/--temp` copies the repo to <repo>/.dvc/tmp/exps/<tmp>/ and runs there;
+    MLflow runs must still land in the project's one store, so we climb out of that copy.
+    """
+    override = os.environ.get("IMGCLF_HOME")
+    if override:
+        return Path(override).resolve()
+    parts = ROOT.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return ROOT

@@ -1,0 +1,57 @@
+"""Stage `evaluate@<model>`: test loss, overall and per-class accuracy, confusion, mistakes."""
+
+import _bootstrap  # noqa: F401  (puts this checkout's src/ first on sys.path)
+
+import argparse
+import logging
+
+import torch
+
+from imgclf import checkpoint, cli, tracking
+from imgclf.atomic import write_json, write_text
+from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, read_params
+from imgclf.data.dataset import load_meta, load_split
+from imgclf.engine import Normalizer, make_loss, predict
+from imgclf.evaluation import predictions_csv, summarize
+from imgclf.paths import PROCESSED_DIR, metrics_dir, model_dir
+
+log = logging.getLogger("evaluate")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help="a key under `models` in params.yaml")
+    name = parser.parse_args().model
+    params = read_params()
+    cfg = load_section("evaluate", EvaluateConfig, params)
+    experiment_id = tracking.setup(load_section("mlflow", MlflowConfig, params).experiment)
+    ckpt = model_dir(name) / "model.pt"
+    model, state = checkpoint.load(ckpt, load_model(name, params))
+    meta = load_meta(PROCESSED_DIR)
+    test = load_split(PROCESSED_DIR, "test", meta)
+    x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
+    normalize = Normalizer.from_stats(state["mean"], state["std"])
+    # fp32 for the reported figures, whatever precision training used.
+    outputs = predict(model, x, normalize=normalize, batch_size=cfg.batch_size, precision="fp32")
+    loss = float(make_loss(state["loss"])(outputs, y))
+    result = summarize(outputs, y, loss, state["classes"], cfg.top_misclassified)
+    out = metrics_dir(name)
+    write_json(out / "test.json", result["metrics"])
+    write_json(out / "misclassified.json", result["misclassified"])
+    write_json(out / "confusion.json", {"classes": state["classes"], "counts": result["confusion"]})
+    write_text(out / "predictions.csv",
+               predictions_csv(test.labels, result["predicted"], result["confidence"], state["classes"]))
+
+    import mlflow
+
+    with tracking.resume_run(experiment_id, tracking.file_sha256(ckpt), name, f"evaluate@{name}"):
+        m = result["metrics"]
+        mlflow.log_metrics({"test/loss": m["test/loss"], "test/accuracy": m["test/accuracy"],
+                            **{f"test/accuracy/{c}": a for c, a in m["test/per_class_accuracy"].items()}})
+        for f in ("test.json", "misclassified.json", "confusion.json"):
+            mlflow.log_artifact(str(out / f), artifact_path="evaluation")
+    log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,31 @@
+"""Stage `train@<model>`: fit one model; keep the checkpoint with the lowest validation loss."""
+
+import _bootstrap  # noqa: F401  (puts this checkout's src/ first on sys.path)
+
+import argparse
+
+from imgclf import cli
+from imgclf.config import MlflowConfig, load_model, load_section, load_train, read_params
+from imgclf.paths import PROCESSED_DIR, ROOT, metrics_dir, model_dir
+from imgclf.training import train_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help="a key under `models` in params.yaml")
+    name = parser.parse_args().model
+    params = read_params()
+    train_model(
+        name,
+        arch=load_model(name, params),
+        cfg=load_train(name, params),
+        experiment=load_section("mlflow", MlflowConfig, params).experiment,
+        processed_dir=PROCESSED_DIR,
+        checkpoint_path=model_dir(name) / "model.pt",
+        metrics_out=metrics_dir(name),
+        src_dir=ROOT / "src" / "imgclf",
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

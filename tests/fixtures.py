@@ -1,0 +1,69 @@
+"""Tiny real-format data sets and a loopback HTTP server, shared by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data import idx
+
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def learnable_images(labels: np.ndarray, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """Noisy images whose class is visible: class k lights up a band at rows 2k..2k+3."""
+    images = rng.integers(0, 60, size=(len(labels), size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 2 : 2 * k + 6, 4:24] = rng.integers(180, 256, dtype=np.uint8)
+    return images
+
+
+def make_fashion_like(directory: Path, train_per_class: int = 30, test_per_class: int = 10, seed: int = 0) -> dict[str, str]:
+    """Write the four gzip IDX files of a tiny 10-class data set; return {file: content sha256}."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10, dtype=np.uint8), per_class))
+        images = learnable_images(labels, rng)
+        for kind, array in (("images", images), ("labels", labels)):
+            name = FASHION_FILES[f"{split}_{kind}"]
+            content = idx.encode(array)
+            # mtime=0: the bytes of the fixture do not depend on when the test ran.
+            (directory / name).write_bytes(gzip.compress(content, mtime=0))
+            checksums[name] = hashlib.sha256(content).hexdigest()
+    return checksums
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@contextmanager
+def serve_directory(directory: Path, handler: type[http.server.BaseHTTPRequestHandler] | None = None) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 at a free port; yield the base URL."""
+    if handler is None:
+        class handler(_QuietHandler):  # type: ignore[no-redef]
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(directory), **kwargs)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
