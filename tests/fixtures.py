@@ -5,14 +5,23 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from imgclf.data import idx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -67,3 +76,63 @@ def serve_directory(directory: Path, handler: type[http.server.BaseHTTPRequestHa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("data/", "models/", "metrics/", "reports/")) or rel == "dvc.lock":
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def set_params(repo: Path, update) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    update(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class Project:
+    def __init__(self, path: Path, env: dict[str, str]):
+        self.path, self.env = path, env
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def repro(self) -> set[str]:
+        """Run `dvc repro`; return the names of the stages that actually ran."""
+        out = self.run("dvc", "repro").stdout
+        return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def make_project(base: Path, update_params) -> Project:
+    """A git-committed copy of this repository under base/repo, with params adjusted and
+    its own MLflow store, ready for `dvc repro`."""
+    repo = base / "repo"
+    repo.mkdir()
+    copy_repo(repo)
+    set_params(repo, update_params)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.org",
+    }
+    env.pop("IMGCLF_DEBUG", None)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "test copy"], cwd=repo, env=env, check=True)
+    return Project(repo, env)

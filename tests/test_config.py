@@ -44,7 +44,7 @@ def test_unknown_key_names_the_closest_valid_one(params):
 
 def test_wrong_type_is_rejected_not_coerced(params):
     params["train"]["lr"] = "0.1"  # what a quoted `-S train.lr='0.1'` would give
-    msg = _error(config.load_train, "mlp", params)
+    msg = _error(config.load_train, "cnn", params)
     assert msg.startswith("train.lr: got '0.1'")
 
 

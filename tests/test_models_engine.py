@@ -182,3 +182,12 @@ def test_classifier_takes_raw_pixels_and_returns_probabilities():
     expected = model((pixels.float() / 255 - 0.5) / 0.25).exp()
     assert torch.allclose(probs, expected, atol=1e-6)
     assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-6)
+
+
+def test_checkpoint_bytes_do_not_depend_on_when_or_where_saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MLP_CFG, (1, 28, 28), 10, log_probs=False)
+    meta = {"shape": [1, 28, 28], "classes": [str(i) for i in range(10)], "mean": [0.3], "std": [0.3]}
+    for path in (tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"):
+        checkpoint.save(path, model, cfg=MLP_CFG, meta=meta, loss="nll", extra={})
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()

@@ -6,6 +6,7 @@ checkpoint can never run code when it is opened (a pickled object is refused).
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgclf.atomic import atomic_path
+from imgclf.atomic import write_bytes
 from imgclf.config import CNNConfig, MLPConfig, model_from_dict
 from imgclf.errors import DataError
 from imgclf.models import architecture, build_model
@@ -35,8 +36,11 @@ def save(path: Path, model: nn.Module, *, cfg: MLPConfig | CNNConfig, meta: dict
         "std": list(meta["std"]),
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Serialized in memory: torch.save names the archive's folder after the file it writes,
+    # and the atomic write's temporary name is random, which would change the bytes each run.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load(path: Path, expected: MLPConfig | CNNConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:

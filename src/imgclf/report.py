@@ -1,0 +1,320 @@
+"""The report stage's work: every model's results, side by side, as one HTML page and Markdown.
+
+Both documents are rendered from one list of blocks, so they always say the same thing. The
+HTML embeds its figures as data URIs (a single file that opens offline); the Markdown points
+at figures/<file>. For the same inputs every byte is the same, apart from the numbers that
+come from timing.json, which measure the machine rather than the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgclf import __version__, plots
+from imgclf.config import ReportConfig
+from imgclf.data.dataset import Split, load_meta, load_split
+from imgclf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# The columns training.history_csv writes (not imported: that module pulls in torch and MLflow).
+HISTORY_COLUMNS = ("epoch", "lr", "train/loss", "train/accuracy", "val/loss", "val/accuracy")
+PREDICTION_COLUMNS = ("index", "actual", "predicted", "confidence")
+_NUM = (int, float)
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "meta.json": {"dataset": str, "classes": list, "shape": list, "mean": list, "std": list,
+                  "counts": dict, "val_fraction": _NUM, "seed": int},
+    "train.json": {"best_epoch": int, "val/accuracy": _NUM, "parameters": int},
+    "timing.json": {"train_seconds": _NUM, "images_per_s": _NUM, "threads": int, "precision": str, "torch": str},
+    "test.json": {"test/loss": _NUM, "test/accuracy": _NUM, "test/per_class_accuracy": dict, "test/images": int},
+    "confusion.json": {"classes": list, "counts": list},
+    "misclassified.json": {},
+}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST"}
+
+
+@dataclass(frozen=True)
+class ModelResults:
+    """What the train and evaluate stages wrote for one model."""
+
+    name: str
+    history: pd.DataFrame
+    train: dict[str, Any]
+    timing: dict[str, Any]
+    test: dict[str, Any]
+    confusion: np.ndarray
+    misclassified: list[dict[str, Any]]
+    predicted: np.ndarray  # class index per test image, in test-set order
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    meta: dict[str, Any]
+    train: Split  # source of the sample images
+    test: Split
+    models: tuple[ModelResults, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    html: str
+    markdown: str
+    figures: dict[str, bytes]  # file name under reports/figures/ -> PNG bytes
+
+
+def _bad(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem}; run `dvc repro` to regenerate it")
+
+
+def _check(path: Path, data: Any) -> Any:
+    schema = _SCHEMAS[path.name]
+    if schema and not isinstance(data, dict):
+        raise _bad(path, f"expected a JSON object, got {type(data).__name__}")
+    for key, kind in schema.items():
+        if key not in data:
+            raise _bad(path, f"missing key {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise _bad(path, f"{key!r} has the wrong type ({type(data[key]).__name__})")
+    return data
+
+
+def _parse(path: Path, parse: Callable[[Path], Any]) -> Any:
+    try:
+        return parse(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: run `dvc repro` to produce it") from None
+    except (OSError, ValueError) as exc:  # bad JSON, bad UTF-8 and pandas' parser errors are ValueErrors
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _bad(path, f"unreadable ({first_line})") from None
+
+
+def _read_json(path: Path) -> Any:
+    return _check(path, _parse(path, lambda p: json.loads(p.read_text(encoding="utf-8"))))
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    # keep_default_na=False: a class called "None" or "NA" must stay a string.
+    frame = _parse(path, lambda p: pd.read_csv(p, keep_default_na=False))
+    if tuple(frame.columns) != columns:
+        raise _bad(path, f"expected the columns {','.join(columns)}")
+    if frame.empty:
+        raise _bad(path, "has no rows")
+    return frame
+
+
+def _load_model(name: str, folder: Path, classes: list[str], test: Split) -> ModelResults:
+    index = {c: i for i, c in enumerate(classes)}
+    history = _read_csv(folder / "history.csv", HISTORY_COLUMNS)
+    if not all(pd.api.types.is_numeric_dtype(history[c]) for c in HISTORY_COLUMNS):
+        raise _bad(folder / "history.csv", "has non-numeric values")
+    metrics = _read_json(folder / "test.json")
+    per_class = metrics["test/per_class_accuracy"]
+    if set(per_class) != set(classes) or not all(isinstance(v, _NUM) for v in per_class.values()):
+        raise _bad(folder / "test.json", "expected one per-class accuracy for each class of meta.json")
+    confusion = _read_json(folder / "confusion.json")
+    try:
+        counts = np.asarray(confusion["counts"], dtype=np.int64)
+    except (TypeError, ValueError):
+        counts = np.zeros(0)
+    if confusion["classes"] != classes or counts.shape != (len(classes), len(classes)):
+        raise _bad(folder / "confusion.json", f"expected a {len(classes)}x{len(classes)} matrix of meta.json's classes")
+    mistakes = _read_json(folder / "misclassified.json")
+    if not isinstance(mistakes, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("index"), int) and 0 <= m["index"] < len(test.labels)
+            and m.get("actual") in index and m.get("predicted") in index
+            and isinstance(m.get("confidence"), _NUM) for m in mistakes):
+        raise _bad(folder / "misclassified.json", "expected a list of {index, actual, predicted, confidence}")
+    predictions = _read_csv(folder / "predictions.csv", PREDICTION_COLUMNS)
+    named = predictions["predicted"].astype(str)
+    if len(predictions) != len(test.labels) or not named.isin(index).all():
+        raise _bad(folder / "predictions.csv", f"expected {len(test.labels)} rows naming known classes")
+    return ModelResults(name=name, history=history, train=_read_json(folder / "train.json"),
+                        timing=_read_json(folder / "timing.json"), test=metrics, confusion=counts,
+                        misclassified=mistakes, predicted=named.map(index).to_numpy(np.int64))
+
+
+def load_inputs(models: list[str], processed_dir: Path, metrics_root: Path) -> ReportInputs:
+    """Everything the report shows, checked, so that a stale or partial run fails with one line."""
+    if not models:
+        raise DataError("no models to report on: add one under `models` in params.yaml")
+    meta = _check(processed_dir / "meta.json", load_meta(processed_dir))
+    train = load_split(processed_dir, "train", meta)
+    test = load_split(processed_dir, "test", meta)
+    results = tuple(_load_model(name, metrics_root / name, list(meta["classes"]), test) for name in models)
+    log.info("report inputs: %d models, %d test images", len(results), len(test.labels))
+    return ReportInputs(meta=meta, train=train, test=test, models=results)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def _epoch(summary: dict[str, Any]) -> str:
+    epochs = summary.get("epochs")
+    return f"{summary['best_epoch']} of {epochs}" if isinstance(epochs, int) else str(summary["best_epoch"])
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _slugs(names: list[str]) -> list[str]:
+    """File-name-safe, distinct versions of the model names (which are arbitrary params keys)."""
+    out: list[str] = []
+    for name in names:
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "model"
+        out.append(slug if slug not in out else f"{slug}-{len(out) + 1}")
+    return out
+
+
+def _teaching(shape: list[int]) -> list[tuple[str, ...]]:
+    c, h, w = shape
+    return [
+        ("p", f"The multilayer perceptron (MLP) starts by flattening the image: the {c}×{h}×{w} grid "
+              f"becomes a single list of {c * h * w} numbers, and where a pixel sat survives only as its "
+              "position in that list. Every unit of the first hidden layer has its own weight for every "
+              "pixel (a fully connected layer), and nothing in the model says which pixels are neighbours: "
+              "shuffling the pixels of every image in the same fixed way would not make its task any harder."),
+        ("p", "The convolutional network (CNN) keeps the image as a grid. Each layer slides small filters, a "
+              "few pixels wide, over the whole image and reuses the same weights at every position, so each "
+              "output depends only on a small neighbourhood (sparse, local connections) and a pattern such "
+              "as an edge or a seam is recognised wherever it appears. Pooling then shrinks the grid, so "
+              "later filters summarise ever larger regions. Both models put the ReLU non-linearity, "
+              "max(0, x), between their layers and end with one score per class."),
+    ]
+
+
+def _mistakes(m: ModelResults, slug: str, test: Split, classes: list[str]) -> list[tuple[Any, ...]]:
+    if m.misclassified:
+        return [("img", f"misclassified_{slug}.png", f"The {len(m.misclassified)} test images {m.name} got wrong "
+                 "with the highest confidence.", plots.misclassified_grid(test.images, m.misclassified, classes))]
+    if m.test["test/accuracy"] >= 1:
+        return [("p", f"{m.name} classified every test image correctly.")]
+    return [("p", "No mistakes were kept (evaluate.top_misclassified is 0).")]
+
+
+def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None]) -> list[tuple[Any, ...]]:
+    """The report as a list of (kind, ...) blocks; ("img", file, caption, png) carries its figure."""
+    meta, models, train, test = inputs.meta, inputs.models, inputs.train, inputs.test
+    classes, counts, names = list(meta["classes"]), meta["counts"], [m.name for m in models]
+    slugs = _slugs(names)
+    # max() keeps the first of equals, so a tie goes to the model listed first in params.yaml.
+    best = max(models, key=lambda m: m.test["test/accuracy"])
+    comparison = [[m.name, f"{m.train['parameters']:,}", _epoch(m.train), _pct(m.train["val/accuracy"]),
+                   _pct(m.test["test/accuracy"]), f"{m.test['test/loss']:.4f}", f"{m.timing['train_seconds']:.1f}",
+                   f"{m.timing['images_per_s']:,.0f}", f"{m.timing['threads']} / {m.timing['precision']}",
+                   run_links.get(m.name) or "not recorded"] for m in models]
+    per_class = {m.name: m.test["test/per_class_accuracy"] for m in models}
+    n_grid = min(cfg.prediction_grid, len(test.labels))
+    wrong = int(np.count_nonzero(best.predicted[:n_grid] != test.labels[:n_grid]))
+    torch_versions = sorted({str(m.timing["torch"]) for m in models})
+    return [
+        ("h1", f"{DATASET_NAMES.get(meta['dataset'], meta['dataset'])}: {_and(names)}"),
+        ("p", f"{counts.get('train', 0):,} training, {counts.get('val', 0):,} validation and "
+              f"{counts.get('test', 0):,} test images of {'×'.join(map(str, meta['shape']))} pixels "
+              f"in {len(classes)} classes."),
+        ("h2", "How the two models see an image"), *_teaching(list(meta["shape"])),
+        ("h2", "The data"),
+        ("img", "samples.png", f"The first {cfg.samples_per_class} training images of each class.",
+         plots.sample_grid(train.images, train.labels, classes, cfg.samples_per_class)),
+        ("h2", "Model comparison"),
+        ("table", ["Model", "Parameters", "Best epoch", "Val accuracy", "Test accuracy", "Test loss",
+                   "Training time (s)", "Images/s", "Threads / precision", "MLflow run"], comparison, "lrrrrrrrll"),
+        ("p", f"Highest test accuracy: {best.name} ({_pct(best.test['test/accuracy'])}). Validation accuracy is "
+              "that of the best epoch, whose weights were kept. Training time, images/s and threads depend on "
+              "the machine and vary between runs; every other number is reproducible."),
+        ("h2", "Training curves"),
+        ("img", "curves.png", "Loss and accuracy per epoch: dashed lines are the training split, solid lines "
+         "the validation split.", plots.training_curves({m.name: m.history for m in models})),
+        ("h2", "Accuracy per class"),
+        ("img", "per_class.png", "Test accuracy of each model on each class.",
+         plots.per_class_accuracy(per_class, classes)),
+        ("table", ["Class", *names], [[c, *(_pct(per_class[n][c]) for n in names)] for c in classes],
+         "l" + "r" * len(names)),
+        ("h2", "Confusion matrices"),
+        ("p", "Rows are the actual class, columns the predicted class; the diagonal holds the correct answers."),
+        *[block for m, slug in zip(models, slugs) for block in (
+            ("h3", m.name),
+            ("img", f"confusion_{slug}.png", f"Confusion matrix of {m.name} on the test set.",
+             plots.confusion_matrix(m.confusion, classes, f"{m.name}: test set")))],
+        ("h2", "Predictions on test images"),
+        ("img", "predictions.png", f"The first {n_grid} test images as classified by {best.name}, the model "
+         "with the highest test accuracy: predicted class with the actual class in brackets, green when right, "
+         f"red when wrong ({wrong} of {n_grid} wrong).",
+         plots.prediction_grid(test.images, test.labels, best.predicted, classes, n_grid)),
+        ("h2", "Most confident mistakes"),
+        *[block for m, slug in zip(models, slugs) for block in (("h3", m.name), *_mistakes(m, slug, test, classes))],
+        ("footer", f"Data set: {meta['dataset']}. Validation split: {meta['val_fraction']:g} of the training "
+                   f"images, stratified by class, seed {meta['seed']}. Normalization: mean "
+                   f"{', '.join(f'{v:g}' for v in meta['mean'])}, std {', '.join(f'{v:g}' for v in meta['std'])} "
+                   f"(training split, per channel). PyTorch {', '.join(torch_versions)}. "
+                   f"Report by imgclf {__version__}."),
+    ]
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.5}
+table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #d0d7de;padding:.3rem .6rem}th{background:#f6f8fa}
+td.r{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;height:auto}figure{margin:1rem 0}
+figcaption,footer{color:#59636e;font-size:.9rem}footer{margin-top:2rem;border-top:1px solid #d0d7de}"""
+
+
+def _to_html(blocks: list[tuple[Any, ...]]) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8">',
+             f"<title>{esc(blocks[0][1])}</title>", f"<style>\n{_CSS}\n</style></head>", "<body>"]
+    for kind, *args in blocks:
+        if kind == "img":
+            data = base64.b64encode(args[2]).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(args[1])}">'
+                         f"<figcaption>{esc(args[1])}</figcaption></figure>")
+        elif kind == "table":
+            header, rows, align = args
+            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
+                         + "</tr></thead><tbody>")
+            parts += ["<tr>" + "".join(f'<td class="{a}">{esc(c)}</td>' for c, a in zip(row, align)) + "</tr>"
+                      for row in rows]
+            parts.append("</tbody></table>")
+        else:  # h1, h2, h3, p, footer: plain text
+            parts.append(f"<{kind}>{esc(args[0])}</{kind}>")
+    return "\n".join([*parts, "</body>", "</html>"]) + "\n"
+
+
+def _md(text: str) -> str:
+    """Text that Markdown shows literally (no emphasis, links, table breaks or raw HTML)."""
+    text = re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)
+    return html.escape(text, quote=False)
+
+
+def _to_markdown(blocks: list[tuple[Any, ...]]) -> str:
+    out = []
+    for kind, *args in blocks:
+        if kind == "img":
+            out.append(f"![{_md(args[1])}](figures/{args[0]})\n\n*{_md(args[1])}*")
+        elif kind == "table":
+            header, rows, align = args
+            lines = [header, [":---" if a == "l" else "---:" for a in align], *rows]
+            out.append("\n".join("| " + " | ".join(c if i == 1 else _md(c) for c in line) + " |"
+                                 for i, line in enumerate(lines)))
+        elif kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + _md(args[0]))
+        else:
+            out.append(("---\n\n" if kind == "footer" else "") + _md(args[0]))
+    return "\n\n".join(out) + "\n"
+
+
+def build_report(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None]) -> Report:
+    """Figures, HTML and Markdown for the models in `inputs`, in the order they were given."""
+    blocks = _blocks(inputs, cfg, run_links)
+    figures = {block[1]: block[3] for block in blocks if block[0] == "img"}
+    return Report(html=_to_html(blocks), markdown=_to_markdown(blocks), figures=figures)

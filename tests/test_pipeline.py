@@ -1,0 +1,168 @@
+"""End to end: `dvc repro` in a temporary copy of the repository, on a tiny real-format data
+set served from a loopback HTTP server, so every stage runs its real code path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fixtures import git, make_fashion_like, make_project, serve_directory, set_params
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "eval_batch_size": 200, "threads": 1},
+    "models": {
+        "mlp": {"arch": "mlp", "hidden": [32], "dropout": 0.1, "train": {"augment": False}},
+        "cnn": {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.1},
+    },
+    "evaluate": {"batch_size": 200, "top_misclassified": 5},
+    "report": {"samples_per_class": 2, "prediction_grid": 12},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    mirror = base / "mirror"
+    checksums = make_fashion_like(mirror)
+    with serve_directory(mirror) as url:
+        def tiny(params):
+            params["download"].update(mirrors=[url], files=checksums, retries=0)
+            params["train"].update(TINY["train"])
+            params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
+
+        proj = make_project(base, tiny)
+        proj.first_run = proj.repro()
+        yield proj
+
+
+def _stage_names():
+    return {"download", "preprocess", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+
+
+def test_first_repro_runs_every_stage_and_writes_outputs(project):
+    repo = project.path
+    assert project.first_run == _stage_names()
+    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    meta = json.loads((repo / "data/processed/meta.json").read_text())
+    assert meta["counts"] == {"train": 270, "val": 30, "test": 100}
+    for name in ("mlp", "cnn"):
+        test = json.loads((repo / f"metrics/{name}/test.json").read_text())
+        assert test["test/images"] == 100
+        assert set(test["test/per_class_accuracy"]) == set(meta["classes"])
+        # The tiny classes are trivially separable: anything near chance (10%) means a broken loop.
+        assert test["test/accuracy"] > 0.5, (name, test)
+        history = (repo / f"metrics/{name}/history.csv").read_text().splitlines()
+        assert history[0] == "epoch,lr,train/loss,train/accuracy,val/loss,val/accuracy"
+        assert len(history) == 1 + TINY["train"]["epochs"]
+        train = json.loads((repo / f"metrics/{name}/train.json").read_text())
+        assert 1 <= train["best_epoch"] <= TINY["train"]["epochs"]
+    html = (repo / "reports/report.html").read_text()
+    assert "mlp" in html and "cnn" in html and "data:image/png;base64," in html
+    assert (repo / "reports/report.md").read_text().count("figures/") >= 3
+
+
+def test_second_repro_runs_nothing(project):
+    assert project.repro() == set()
+    status = project.run("dvc", "status").stdout
+    assert "Data and pipelines are up to date" in status
+
+
+def test_mlflow_runs_carry_params_epochs_test_metrics_model_and_provenance(project):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("fashion-mnist-lesson")
+    runs = client.search_runs([experiment.experiment_id])
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())
+    data_md5 = next(o["md5"] for o in lock["stages"]["preprocess"]["outs"] if o["path"] == "data/processed")
+    from imgclf.tracking import file_sha256
+
+    for name in ("mlp", "cnn"):
+        sha = file_sha256(project.path / f"models/{name}/model.pt")
+        matching = [r for r in runs if r.data.tags.get("model_sha256") == sha]
+        assert len(matching) == 1, name
+        run = matching[0]
+        assert run.data.params["train.lr"] == "0.05"
+        assert run.data.tags["git_commit"] == git(project.path, "rev-parse", "HEAD")
+        assert run.data.tags["data_version"] == data_md5
+        assert run.data.tags["dvc_stage"] == f"train@{name}"
+        history = client.get_metric_history(run.info.run_id, "val/loss")
+        assert [m.step for m in history] == list(range(1, TINY["train"]["epochs"] + 1))
+        test = json.loads((project.path / f"metrics/{name}/test.json").read_text())
+        assert run.data.metrics["test/accuracy"] == pytest.approx(test["test/accuracy"])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+        assert "report/report.html" in artifacts
+        logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+        assert any(m.source_run_id == run.info.run_id for m in logged), name
+
+
+def test_logged_model_predicts_from_raw_pixels(project):
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("fashion-mnist-lesson")
+    logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(logged[0].model_uri)
+    images = np.load(project.path / "data/processed/test_images.npy")[:8]
+    probs = np.asarray(model.predict(images))
+    assert probs.shape == (8, 10)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bad_param_fails_in_one_line_and_leaves_outputs_untouched(project):
+    before = (project.path / "models/cnn/model.pt").read_bytes()
+    original = (project.path / "params.yaml").read_text()
+    try:
+        set_params(project.path, lambda p: p["train"].__setitem__("lr", -1))
+        proc = project.run("python", "stages/train.py", "cnn", check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == "error: train.lr: got -1: input should be greater than 0"
+        assert "Traceback" not in proc.stderr
+        assert (project.path / "models/cnn/model.pt").read_bytes() == before
+    finally:
+        (project.path / "params.yaml").write_text(original)
+    assert project.repro() == set()
+
+
+def test_training_param_reruns_training_not_data(project):
+    set_params(project.path, lambda p: p["train"].__setitem__("lr", 0.04))
+    assert project.repro() == {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+
+
+def test_one_models_param_reruns_only_that_model(project):
+    set_params(project.path, lambda p: p["models"]["cnn"].__setitem__("hidden", 24))
+    assert project.repro() == {"train@cnn", "evaluate@cnn", "report"}
+
+
+def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
+    models_py = project.path / "src/imgclf/models.py"
+    models_py.write_text(models_py.read_text() + "\n# an edit\n")
+    assert project.repro() == {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+
+
+def test_preprocess_param_reruns_from_preprocess_down(project):
+    set_params(project.path, lambda p: p["preprocess"].__setitem__("seed", 7))
+    assert project.repro() == _stage_names() - {"download"}
+
+
+def test_dvc_exp_run_sets_a_param_and_tags_the_mlflow_runs(project):
+    import mlflow
+
+    out = project.run("dvc", "exp", "run", "-n", "lr-003", "-S", "train.lr=0.03").stdout
+    assert "Running stage 'train@cnn'" in out and "Running stage 'download'" not in out
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "lr-003" in text and "test/accuracy" in text
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["fashion-mnist-lesson"],
+                              filter_string="tags.dvc_exp_name = 'lr-003'", output_format="list")
+    assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"]
+    assert all(r.data.params["train.lr"] == "0.03" for r in runs if r.data.tags["model_name"] == "cnn")

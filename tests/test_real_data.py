@@ -1,0 +1,35 @@
+"""One end-to-end run on the real Fashion-MNIST, shrunk to seconds of training.
+
+The data comes through the configured mirrors (Debian's local copy first, as in `make repro`),
+and the accuracy floors are far above chance (10%) but reachable in one or two epochs.
+"""
+
+import json
+
+import pytest
+
+from fixtures import make_project
+
+pytestmark = pytest.mark.slow
+
+FLOORS = {"mlp": 0.82, "cnn": 0.85}
+
+
+def test_real_fashion_mnist_reduced_config(tmp_path):
+    def reduce(params):
+        params["train"].update(epochs=1, batch_size=128)
+        params["models"] = {
+            "mlp": {"arch": "mlp", "hidden": [128], "train": {"epochs": 2, "augment": False, "lr": 0.05}},
+            "cnn": {"arch": "cnn", "channels": [16, 32], "hidden": 64, "dropout": 0.1},
+        }
+
+    project = make_project(tmp_path, reduce)
+    assert project.repro() == {"download", "preprocess", "train@mlp", "train@cnn",
+                               "evaluate@mlp", "evaluate@cnn", "report"}
+    meta = json.loads((project.path / "data/processed/meta.json").read_text())
+    assert meta["counts"] == {"train": 54000, "val": 6000, "test": 10000}
+    assert meta["classes"][0] == "T-shirt/top" and meta["shape"] == [1, 28, 28]
+    for name, floor in FLOORS.items():
+        test = json.loads((project.path / f"metrics/{name}/test.json").read_text())
+        assert test["test/images"] == 10000
+        assert test["test/accuracy"] >= floor, (name, test["test/accuracy"])
