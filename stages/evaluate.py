@@ -7,13 +7,14 @@ import logging
 
 import torch
 
-from imgclf import checkpoint, cli, tracking
+from imgclf import checkpoint, cli, registry, tracking
 from imgclf.atomic import write_json, write_text
-from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, read_params
+from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, model_names, read_params
 from imgclf.data.dataset import load_meta, load_split
 from imgclf.engine import Normalizer, make_loss, predict
 from imgclf.evaluation import predictions_csv, summarize
-from imgclf.paths import PROCESSED_DIR, metrics_dir, model_dir
+from imgclf.models import Classifier
+from imgclf.paths import PROCESSED_DIR, ROOT, metrics_dir, model_dir
 
 log = logging.getLogger("evaluate")
 
@@ -24,7 +25,9 @@ def main() -> None:
     name = parser.parse_args().model
     params = read_params()
     cfg = load_section("evaluate", EvaluateConfig, params)
-    experiment_id = tracking.setup(load_section("mlflow", MlflowConfig, params).experiment)
+    mlflow_cfg = load_section("mlflow", MlflowConfig, params)
+    registry.check_target(mlflow_cfg.register_model, model_names(params))
+    experiment_id = tracking.setup(mlflow_cfg.experiment)
     ckpt = model_dir(name) / "model.pt"
     model, state = checkpoint.load(ckpt, load_model(name, params))
     meta = load_meta(PROCESSED_DIR)
@@ -44,13 +47,18 @@ def main() -> None:
 
     import mlflow
 
-    with tracking.resume_run(experiment_id, tracking.file_sha256(ckpt), name, f"evaluate@{name}"):
+    with tracking.resume_run(experiment_id, tracking.file_sha256(ckpt), name, f"evaluate@{name}") as run_id:
+        tracking.ensure_model_logged(experiment_id, run_id, Classifier(model, state["mean"], state["std"]),
+                                     tracking.input_example(test.images), ROOT / "src" / "imgclf")
         m = result["metrics"]
         mlflow.log_metrics({"test/loss": m["test/loss"], "test/accuracy": m["test/accuracy"],
                             **{f"test/accuracy/{c}": a for c, a in m["test/per_class_accuracy"].items()}})
         for f in ("test.json", "misclassified.json", "confusion.json"):
             mlflow.log_artifact(str(out / f), artifact_path="evaluation")
     log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
+    if mlflow_cfg.register_model == name:
+        # After the metrics are in the run: the champion rule reads the test accuracy.
+        registry.register(run_id, name, mlflow_cfg.registered_name, m["test/accuracy"])
 
 
 if __name__ == "__main__":

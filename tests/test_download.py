@@ -2,7 +2,6 @@
 
 import gzip
 import http.server
-import json
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from imgclf import checkpoint
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
-from imgclf.engine import Normalizer, augment, fit, make_loss, make_schedule, make_optimizer
+from imgclf.engine import Normalizer, augment, fit, make_loss, make_optimizer, make_schedule
 from imgclf.errors import DataError, TrainingError
 from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgclf.errors import ConfigError
 from imgclf.paths import PARAMS_FILE
+
 
 class Section(BaseModel):
     # strict: "0.1" is not a number and 1.0 is not an int; `dvc exp run -S` typos fail here.
@@ -85,7 +86,7 @@ class CNNConfig(Section):
     train: dict[str, Any] = Field(default_factory=dict)
 
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="arch")]
+ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="arch")]
 
 
 class _ModelHolder(Section):
@@ -109,6 +110,19 @@ class ReportConfig(Section):
 
 class MlflowConfig(Section):
     experiment: Annotated[str, Field(min_length=1, max_length=200)]
+    # Which key under `models` the evaluate stage registers (null: none). Whether that key
+    # exists is checked by the stage, which knows the model names.
+    register_model: Annotated[str, Field(min_length=1)] | None = None
+    registered_name: Annotated[str, Field(min_length=1, max_length=200)] = "fashion-mnist-classifier"
+
+    @field_validator("registered_name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # Letters, digits and . _ - only, so `models:/<name>@champion` needs no quoting anywhere.
+        alnum = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        if name[0] not in alnum or not set(name) <= alnum | set("._-"):
+            raise ValueError("use letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return name
 
 
 S = TypeVar("S", bound=Section)
@@ -120,12 +134,19 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path.name}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path.name}: not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path.name}: not valid YAML{where}") from None
+    except (ValueError, RecursionError) as exc:
+        # YAML's implicit types are built by plain Python: `2001-13-40` looks like a date but is
+        # none, a 5000-digit number is past int()'s limit, deep nesting past the recursion limit.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path.name}: a value cannot be read ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -137,7 +158,8 @@ def _section(params: dict[str, Any], key: str, source: str) -> Any:
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(walked) or "top level"
-            options = sorted(node) if isinstance(node, dict) else []
+            # YAML keys may be ints, booleans or null (`1:`, `on:`, `~:`): compare them as text.
+            options = sorted(str(k) for k in node) if isinstance(node, dict) else []
             hint = _closest(part, options)
             raise ConfigError(f"{source}: missing section {key!r} (not found under {where}){hint}")
         node = node[part]
@@ -152,7 +174,9 @@ def _closest(word: str, options: list[str]) -> str:
 
 def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw: Any) -> str:
     err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("mlp", "cnn"))]
+    # A key is shown as typed unless it holds a line break or other unprintable character.
+    loc = [str(p) if str(p).isprintable() else repr(str(p))
+           for p in err["loc"] if not (isinstance(p, str) and p in ("mlp", "cnn"))]
     # Drop the wrapper field used to validate one model entry.
     if loc and loc[0] == "model":
         loc = loc[1:]

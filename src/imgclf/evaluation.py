@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from imgclf.schema import PREDICTION_COLUMNS
+
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """counts[i, j] = images of class i predicted as class j."""
@@ -48,7 +50,7 @@ def predictions_csv(actual: np.ndarray, predicted: np.ndarray, confidence: np.nd
     """One row per test image; `dvc plots` draws the confusion matrix from actual/predicted."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "actual", "predicted", "confidence"])
+    writer.writerow(PREDICTION_COLUMNS)
     for i, (a, p, c) in enumerate(zip(actual, predicted, confidence)):
         writer.writerow([i, classes[a], classes[p], f"{c:.6f}"])
     return buf.getvalue()

@@ -25,12 +25,10 @@ from imgclf import __version__, plots
 from imgclf.config import ReportConfig
 from imgclf.data.dataset import Split, load_meta, load_split
 from imgclf.errors import DataError
+from imgclf.schema import HISTORY_COLUMNS, PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
 
-# The columns training.history_csv writes (not imported: that module pulls in torch and MLflow).
-HISTORY_COLUMNS = ("epoch", "lr", "train/loss", "train/accuracy", "val/loss", "val/accuracy")
-PREDICTION_COLUMNS = ("index", "actual", "predicted", "confidence")
 _NUM = (int, float)
 _SCHEMAS: dict[str, dict[str, Any]] = {
     "meta.json": {"dataset": str, "classes": list, "shape": list, "mean": list, "std": list,

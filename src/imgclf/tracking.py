@@ -7,6 +7,7 @@ a pure function of code, params and data, so evaluate and report can attach to i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -39,6 +40,35 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home_root() / 'mlflow.db'}"
 
 
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialize opening a SQLite store across processes.
+
+    Once a store exists, concurrent writers are fine (MLflow sets SQLite's busy timeout to
+    20 s, so a writer waits for another's lock). But the first process to open a new store
+    creates its tables (alembic migrations) and the experiment, and two doing that at once
+    (queued experiments on a fresh project) fail with "table already exists" or a duplicate
+    experiment. An exclusive lock on the database's directory makes the second wait until
+    the first is done; it then finds everything in place. The directory, not a lock file:
+    nothing to clean up or git-ignore; and not the database file, whose locks are SQLite's.
+    """
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
+        yield
+        return
+    directory = Path(path).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without flock (some network mounts): go on unlocked
+            log.debug("cannot lock %s (%s); opening the store without it", directory, exc)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
@@ -55,18 +85,27 @@ def _check_reachable(uri: str) -> None:
 def setup(experiment: str) -> str:
     """Point MLflow at the store, check it answers, and return the experiment id."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        # Keep artifacts next to the database rather than relative to whatever the CWD is.
-        location = (home_root() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    with _first_use_lock(uri):
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:"):
+            # Keep artifacts next to the database rather than relative to whatever the CWD is.
+            location = (home_root() / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        except MlflowException as exc:
+            # A server is shared: another pipeline may have created it since we looked.
+            again = mlflow.get_experiment_by_name(experiment) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if again is None:
+                raise
+            return again.experiment_id
 
 
 def git_commit() -> str:
@@ -154,6 +193,13 @@ def resume_run(experiment_id: str, model_sha256: str, model_name: str, stage: st
         yield active.info.run_id
 
 
+def input_example(images: Any) -> Any:
+    """A few raw images as MLflow's input example: uint8 (N, C, H, W), what a client sends."""
+    import numpy as np
+
+    return np.ascontiguousarray(images[:4])
+
+
 def log_model(classifier: Any, example: Any, src_dir: Path) -> None:
     """Log the servable model (normalization inside) with its signature and an input example."""
     import mlflow
@@ -172,3 +218,16 @@ def log_model(classifier: Any, example: Any, src_dir: Path) -> None:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         code_paths=[str(src_dir)],
     )
+
+
+def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, example: Any, src_dir: Path) -> None:
+    """Log the model to the active run unless that run already has one (it lacks one when the
+    model came from DVC's cache or a remote, or when logging failed after training)."""
+    import mlflow
+
+    existing = mlflow.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
+    if not existing:
+        log.info("run %s has no logged model yet: logging it", run_id)
+        log_model(classifier, example, src_dir)

@@ -9,7 +9,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from imgclf import checkpoint, tracking
@@ -18,11 +17,9 @@ from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.data.dataset import load_meta, load_split
 from imgclf.engine import EpochRecord, Normalizer, fit, pick_threads, resolve_precision
 from imgclf.models import Classifier, build_model, count_parameters
+from imgclf.schema import HISTORY_COLUMNS
 
 log = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = ("epoch", "lr", "train/loss", "train/accuracy", "val/loss", "val/accuracy")
-
 
 def set_determinism(seed: int, threads: int) -> None:
     """Same seed, params, code, data and thread count -> the same bytes out."""
@@ -54,10 +51,10 @@ def train_model(
 ) -> None:
     precision = resolve_precision(cfg.precision)
     threads = pick_threads(cfg.threads)
-    experiment_id = tracking.setup(experiment)  # fails now, not after an hour of training
     meta = load_meta(processed_dir)
     train = load_split(processed_dir, "train", meta)
     val = load_split(processed_dir, "val", meta)
+    experiment_id = tracking.setup(experiment)  # fails now, not after an hour of training
 
     set_determinism(cfg.seed, threads)
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
@@ -123,11 +120,17 @@ def train_model(
         write_json(metrics_out / "train.json", summary)
         write_json(metrics_out / "timing.json", timing)
         model_sha = tracking.file_sha256(checkpoint_path)
-        mlflow.set_tags({"model_sha256": model_sha, "best_epoch": str(record.epoch)})
-        mlflow.log_metrics({"best/val_loss": record.val["loss"], "best/val_accuracy": record.val["accuracy"],
-                            "train/seconds": train_seconds})
-        best_model, state = checkpoint.load(checkpoint_path, arch)
-        example = np.ascontiguousarray(val.images[:4])
-        tracking.log_model(Classifier(best_model, state["mean"], state["std"]), example, src_dir)
+        try:
+            mlflow.set_tags({"model_sha256": model_sha, "best_epoch": str(record.epoch)})
+            mlflow.log_metrics({"best/val_loss": record.val["loss"], "best/val_accuracy": record.val["accuracy"],
+                                "train/seconds": train_seconds})
+            best_model, state = checkpoint.load(checkpoint_path, arch)
+            classifier = Classifier(best_model, state["mean"], state["std"])
+            tracking.log_model(classifier, tracking.input_example(val.images), src_dir)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure (HTTP, SQL, disk) is handled alike
+            # The model and metrics are already written: losing minutes of training to a
+            # tracking hiccup helps nobody. The evaluate stage re-attaches the model to a run.
+            log.error("%s: the model is saved at %s, but logging it to MLflow failed (%s); "
+                      "`dvc repro` continues and the evaluate stage logs it again", name, checkpoint_path, exc)
     log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, record.epoch,
              record.val["loss"], record.val["accuracy"], train_seconds)

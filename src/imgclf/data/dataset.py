@@ -126,11 +126,18 @@ def load_split(processed_dir: Path, name: str, meta: dict[str, Any]) -> Split:
     for kind in ("images", "labels"):
         path = processed_dir / f"{name}_{kind}.npy"
         try:
-            arrays.append(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise DataError(f"{path} is missing: run `dvc repro preprocess` first") from None
-        except ValueError as exc:
-            raise DataError(f"{path}: not a plain numeric .npy file ({exc})") from None
+        except Exception as exc:  # noqa: BLE001
+            # np.load's parser fails on damaged bytes with many types (ValueError, EOFError,
+            # BadZipFile, tokenize.TokenError, MemoryError for a forged shape...); with
+            # allow_pickle=False none of them can have run code, so all mean the same thing.
+            raise DataError(f"{path}: not a plain numeric .npy file ({' '.join(str(exc).split())})") from None
+        if not isinstance(array, np.ndarray):
+            array.close()  # np.load opens an .npz archive lazily instead of failing
+            raise DataError(f"{path}: not a plain numeric .npy file (an .npz archive)")
+        arrays.append(array)
     images, labels = arrays
     shape = tuple(meta["shape"])
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape:

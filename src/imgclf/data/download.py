@@ -3,6 +3,11 @@
 Checksums are SHA-256 of the *decompressed* bytes: mirrors may re-compress (Debian's copy of
 Fashion-MNIST has different gzip headers from upstream) but must serve the same content.
 Files are stored decompressed, so the data version DVC records does not depend on the mirror.
+
+Every failure is sorted into one of two kinds: transient (the network or a busy server; the
+same mirror is tried again after an exponentially growing pause) and permanent (the mirror
+answers, but with the wrong thing; the next mirror is tried at once). Nothing unverified is
+ever left at the target path: bytes go to temporary siblings that are removed on any failure.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import gzip
 import hashlib
 import http.client
 import logging
+import re
 import socket
 import time
 import urllib.error
@@ -21,16 +27,28 @@ from pathlib import Path
 from tqdm import tqdm
 
 from imgclf.atomic import atomic_path
-from imgclf.errors import DownloadError
+from imgclf.errors import ConfigError, DownloadError
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _USER_AGENT = "imgclf-download/1 (+https://dvc.org)"
 
+# Pause before the first retry on one mirror, doubled for each further retry (tests shrink it).
+BACKOFF_BASE_S = 0.5
+# Far above any file of these data sets (47 MB decompressed): a mirror that streams more (an
+# endless response, a gzip bomb) is refused before it can fill the disk. Checked both for the
+# bytes received and for the bytes they decompress to.
+MAX_BYTES = 1 << 30
+
+# Names become a URL path and a file name under data/raw: only plain names, so no entry in
+# params.yaml can write outside data/raw, fetch another resource, or hide as a dot-file.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
 
 class _Transient(Exception):
-    """A failure worth retrying on the same mirror (network, 5xx)."""
+    """A failure worth retrying on the same mirror (network, 5xx, a transfer cut short)."""
 
 
 class _Permanent(Exception):
@@ -44,12 +62,25 @@ def stored_name(name: str) -> str:
 
 def fetch_all(files: dict[str, str], mirrors: list[str], dest: Path, *, timeout_s: float, retries: int) -> None:
     """Fetch and verify every file (name -> content SHA-256) into dest, or raise DownloadError."""
+    # Every name is checked before the first byte is fetched: a bad entry fails in seconds.
+    stored: dict[str, str] = {}
+    for name in files:
+        _check_name(name)
+        if stored_name(name) in stored:
+            raise ConfigError(f"download.files: {stored[stored_name(name)]!r} and {name!r} would both be "
+                              f"stored as {stored_name(name)!r}")
+        stored[stored_name(name)] = name
+    for mirror in mirrors:
+        _check_mirror(mirror)
     for name, sha256 in files.items():
         fetch_one(name, sha256, mirrors, dest / stored_name(name), timeout_s=timeout_s, retries=retries)
 
 
 def fetch_one(name: str, sha256: str, mirrors: list[str], target: Path, *, timeout_s: float, retries: int) -> str:
     """Fetch `name` from the first mirror that serves verified content; return that mirror."""
+    _check_name(name)
+    for mirror in mirrors:
+        _check_mirror(mirror)
     failures: list[str] = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
@@ -66,31 +97,54 @@ def fetch_one(name: str, sha256: str, mirrors: list[str], target: Path, *, timeo
                 if attempt == retries:
                     failures.append(f"{url}: {exc} (after {retries + 1} attempts)")
                     break
-                delay = 0.5 * 2**attempt
-                log.warning("%s: %s; retrying in %.1fs", url, exc, delay)
+                delay = BACKOFF_BASE_S * 2**attempt
+                log.warning("%s: %s; retrying in %.3gs", url, exc, delay)
                 time.sleep(delay)
         log.warning("%s: giving up on %s", name, mirror)
-    raise DownloadError(f"could not fetch a verified {name} from any mirror: " + "; ".join(failures))
+    tried = "; ".join(failures) or "no mirror given"
+    # One line whatever a server put in its reason phrase: the CLI prints this as `error: ...`.
+    raise DownloadError(" ".join(f"could not fetch a verified {name} from any mirror: {tried}".split()))
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"download.files: {name!r} is not a plain file name "
+                          "(letters, digits, '.', '_', '+', '-'; no directories)")
+
+
+def _check_mirror(mirror: str) -> None:
+    # urllib would not log in with them anyway: it would send user:password to the DNS
+    # resolver as part of a host name. Secrets do not belong in params.yaml, which git tracks.
+    if _USERINFO.match(mirror):
+        masked = _USERINFO.sub(r"\1***@", mirror)
+        raise ConfigError(f"download.mirrors: {masked!r} contains a user name or password; "
+                          "mirrors must not need credentials")
 
 
 def _download_verified(url: str, name: str, sha256: str, out: Path, timeout_s: float) -> None:
     raw = out.with_name(out.name + ".download")
     try:
-        _download(url, name, raw, timeout_s)
-        digest = _decompress_and_hash(raw, out, compressed=name.endswith(".gz"))
+        complete = _download(url, name, raw, timeout_s)
+        digest = _decompress_and_hash(raw, out, compressed=name.endswith(".gz"), complete=complete)
     finally:
         raw.unlink(missing_ok=True)
     if digest != sha256:
         raise _Permanent(f"checksum mismatch: content SHA-256 is {digest}, expected {sha256}")
 
 
-def _download(url: str, name: str, out: Path, timeout_s: float) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+def _download(url: str, name: str, out: Path, timeout_s: float) -> bool:
+    """Copy url to out; True when the transfer is known to be whole (a met Content-Length)."""
+    local = url.startswith("file:")
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with urllib.request.urlopen(request, timeout=timeout_s) as response, out.open("wb") as fh:
-            total = response.headers.get("Content-Length")
+            header = response.headers.get("Content-Length")
+            total = int(header) if header and re.fullmatch(r"[0-9]+", header) else None
+            if total is not None and total > MAX_BYTES:
+                raise _Permanent(f"announces {total} bytes, more than the {MAX_BYTES} allowed")
+            received = 0
             with tqdm(
-                total=int(total) if total and total.isdigit() else None,
+                total=total,
                 unit="B",
                 unit_scale=True,
                 desc=name,
@@ -98,6 +152,9 @@ def _download(url: str, name: str, out: Path, timeout_s: float) -> None:
                 leave=False,
             ) as bar:
                 while chunk := response.read(_CHUNK):
+                    received += len(chunk)
+                    if received > MAX_BYTES:
+                        raise _Permanent(f"sent more than the {MAX_BYTES} bytes allowed")
                     fh.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
@@ -107,27 +164,47 @@ def _download(url: str, name: str, out: Path, timeout_s: float) -> None:
         reason = exc.reason
         if isinstance(reason, FileNotFoundError) or (isinstance(reason, str) and "No such file" in reason):
             raise _Permanent("not found") from None
+        if local:
+            # A local file reads the same on every attempt: retrying cannot help.
+            raise _Permanent(f"cannot read ({getattr(reason, 'strerror', None) or reason})") from None
         if isinstance(reason, (socket.timeout, TimeoutError)):
             raise _Transient(f"timed out after {timeout_s:g}s") from None
         raise _Transient(f"cannot connect ({reason})") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise _Transient(f"timed out after {timeout_s:g}s") from None
+    except (http.client.InvalidURL, ValueError) as exc:
+        # Malformed host, port or IPv6 literal: no attempt on this mirror can succeed.
+        raise _Permanent(f"invalid URL ({exc})") from None
     except (http.client.IncompleteRead, ConnectionError, http.client.HTTPException) as exc:
         raise _Transient(f"connection broke off ({type(exc).__name__})") from None
     except OSError as exc:
         raise _Permanent(f"cannot read ({exc.strerror or exc})") from None
+    if total is not None and received < total:
+        # http.client returns a short body without complaint when the peer closes early.
+        raise _Transient(f"connection broke off after {received} of {total} bytes")
+    return total is not None or local
 
 
-def _decompress_and_hash(raw: Path, out: Path, *, compressed: bool) -> str:
+def _decompress_and_hash(raw: Path, out: Path, *, compressed: bool, complete: bool) -> str:
     digest = hashlib.sha256()
+    size = 0
     try:
         with (gzip.open(raw, "rb") if compressed else raw.open("rb")) as src, out.open("wb") as dst:
             while chunk := src.read(_CHUNK):
+                size += len(chunk)
+                if size > MAX_BYTES:
+                    raise _Permanent(f"decompresses to more than the {MAX_BYTES} bytes allowed")
                 digest.update(chunk)
                 dst.write(chunk)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        # A truncated stream is usually a transfer cut short; an HTML error page is not gzip.
-        kind = _Transient if isinstance(exc, EOFError) else _Permanent
-        raise kind(f"not a valid gzip file ({exc})") from None
+    except EOFError:
+        if complete:
+            # Every announced byte arrived, so the mirror's own copy is cut short.
+            raise _Permanent("truncated gzip file (the stream ends early)") from None
+        # No length to check the transfer against: most likely it was cut short.
+        raise _Transient("truncated gzip file (the transfer was probably cut short)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        # An HTML error page, or other bytes that were never gzip.
+        raise _Permanent(f"not a valid gzip file ({exc})") from None
+    except OSError as exc:
+        raise _Permanent(f"cannot store it ({exc.strerror or exc})") from None
     return digest.hexdigest()
-

@@ -6,6 +6,7 @@ Layout: two zero bytes, a type code (0x08 = unsigned byte), the number of dimens
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -35,11 +36,17 @@ def decode(data: bytes, name: str = "IDX data") -> np.ndarray:
     if ndim == 0 or len(data) < 4 + 4 * ndim:
         raise DataError(f"{name}: IDX header is truncated")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    expected = int(np.prod(shape, dtype=np.int64))
+    # Exact Python integers: np.prod in int64 wraps around for huge dimensions (65536**4 == 0),
+    # which would let a forged header "match" an empty payload and then fail to reshape.
+    expected = math.prod(shape)
     payload = len(data) - 4 - 4 * ndim
     if payload != expected:
         raise DataError(f"{name}: header says {expected} bytes of data for shape {shape}, file has {payload}")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    except ValueError as exc:
+        # The header is self-consistent but numpy cannot hold it (more than 64 dimensions).
+        raise DataError(f"{name}: IDX shape {shape} is not supported ({exc})") from None
 
 
 def read(path: Path) -> np.ndarray:

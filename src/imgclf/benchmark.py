@@ -1,0 +1,241 @@
+"""`make bench`: speed and accuracy of the training engine on the real data, measured.
+
+Prints one JSON document (and writes it to .bench/benchmark.json) with, per model of
+params.yaml: training images/s, seconds per epoch, seconds of training until the test accuracy
+first reaches the target, final test accuracy (mean and spread over seeds), parameters and
+achieved GFLOP/s next to this machine's measured matrix-multiply peaks; a side-by-side
+baseline of the classic per-sample DataLoader pipeline on the same model; and the wall time
+of `dvc repro` with nothing to do and after one training param changes.
+
+Test accuracy is measured after every epoch here only to time the targets; the pipeline
+itself never looks at the test split before its evaluate stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from imgclf.atomic import write_json
+from imgclf.config import load_model, load_train, model_names, read_params
+from imgclf.data.dataset import load_meta, load_split
+from imgclf.engine import EpochRecord, Normalizer, evaluate, fit, make_loss, pick_threads, resolve_precision
+from imgclf.models import build_model, count_parameters
+from imgclf.paths import PROCESSED_DIR, ROOT
+from imgclf.training import set_determinism
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"cnn": 0.91, "mlp": 0.88}  # test accuracy to time, by architecture (issue targets)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Achieved GFLOP/s of an n x n matrix multiply: the practical ceiling for dense layers."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def train_flops_per_image(model: torch.nn.Module, shape: tuple[int, ...], precision: str) -> float:
+    """Forward + backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
+    x = torch.randn(32, *shape).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+        out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 32
+
+
+def run_engine(name: str, seed: int, data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Train one model as the pipeline does, timing it and testing after every epoch."""
+    arch, cfg = load_model(name, params), load_train(name, params)
+    cfg = cfg.model_copy(update={"seed": seed})
+    precision, threads = resolve_precision(cfg.precision), pick_threads(cfg.threads)
+    set_determinism(seed, threads)
+    meta = data["meta"]
+    model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
+    model = model.to(memory_format=torch.channels_last)
+    normalize = Normalizer.from_stats(meta["mean"], meta["std"])
+    test_loss = make_loss(cfg.loss)
+    target = TARGETS[arch.arch]
+    curve: list[dict[str, float]] = []
+    excluded = 0.0  # seconds spent on the benchmark's own test evaluations
+    start = time.perf_counter()
+
+    def on_epoch(record: EpochRecord) -> None:
+        nonlocal excluded
+        t0 = time.perf_counter()
+        elapsed = t0 - start - excluded  # training and validation so far, not these test passes
+        result = evaluate(model, *data["test"], loss_fn=test_loss, normalize=normalize,
+                          batch_size=cfg.eval_batch_size, precision="fp32")
+        excluded += time.perf_counter() - t0
+        curve.append({"epoch": record.epoch, "seconds": round(elapsed, 2),
+                      "train_images_per_s": round(record.train["images_per_s"]), "test_accuracy": result["accuracy"]})
+
+    history = fit(model, *data["train"], *data["val"], cfg=cfg, normalize=normalize, precision=precision,
+                  on_improve=lambda record: None, on_epoch=on_epoch)
+    epoch_seconds = [r.train["seconds"] for r in history]
+    reached = next((c["seconds"] for c in curve if c["test_accuracy"] >= target), None)
+    return {
+        "seed": seed,
+        "final_test_accuracy": curve[-1]["test_accuracy"],
+        "seconds_to_target": reached,
+        "train_seconds": round(sum(epoch_seconds), 2),
+        "images_per_s": round(len(data["train"][1]) * len(history) / sum(epoch_seconds)),
+        "seconds_per_epoch": round(statistics.mean(epoch_seconds), 2),
+        "curve": curve,
+        "model": model,
+        "precision": precision,
+        "threads": threads,
+        "epochs": cfg.epochs,
+        "target": target,
+    }
+
+
+def classic_baseline(name: str, data: dict[str, Any], params: dict[str, Any], batches: int) -> dict[str, Any]:
+    """The usual tutorial input pipeline on the same model: a Dataset of PIL images with
+    per-sample ToTensor + Normalize, a DataLoader with batch 64, fp32. Throughput only."""
+    from PIL import Image
+    from torchvision import transforms
+
+    meta = data["meta"]
+    images, labels = data["train_np"]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(meta["mean"], meta["std"])])
+
+    class ClassicDataset(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            img = Image.fromarray(images[i, 0], mode="L")
+            return transform(img), int(labels[i])
+
+    torch.manual_seed(0)
+    arch = load_model(name, params)
+    model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = torch.utils.data.DataLoader(ClassicDataset(), batch_size=64, shuffle=True)
+    model.train()
+    seen, start = 0, None
+    for step, (x, y) in enumerate(loader):
+        if step == 5:  # skip warm-up batches
+            start, seen = time.perf_counter(), 0
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        if step == 5 + batches:
+            break
+    rate = seen / (time.perf_counter() - start)
+    return {"images_per_s": round(rate), "seconds_per_epoch": round(len(labels) / rate, 1),
+            "batches_timed": batches, "precision": "fp32", "batch_size": 64}
+
+
+def time_dvc(args: list[str]) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    proc = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return round(seconds, 2), sorted(set(re.findall(r"Running stage '([^']+)'", proc.stdout)))
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    acc = [r["final_test_accuracy"] for r in runs]
+    reached = [r["seconds_to_target"] for r in runs]
+    return {
+        "final_test_accuracy_mean": round(statistics.mean(acc), 4),
+        "final_test_accuracy_std": round(statistics.stdev(acc), 4) if len(acc) > 1 else 0.0,
+        "seconds_to_target_mean": round(statistics.mean(reached), 1) if None not in reached else None,
+        "images_per_s_mean": round(statistics.mean(r["images_per_s"] for r in runs)),
+        "seconds_per_epoch_mean": round(statistics.mean(r["seconds_per_epoch"] for r in runs), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the training engine on the real data.")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per model (mean and spread)")
+    parser.add_argument("--models", nargs="*", help="model keys of params.yaml (default: all)")
+    parser.add_argument("--baseline-batches", type=int, default=150)
+    parser.add_argument("--skip-dvc", action="store_true", help="skip the dvc repro timings")
+    parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "benchmark.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("imgclf.engine").setLevel(logging.WARNING)
+
+    params = read_params()
+    meta = load_meta(PROCESSED_DIR)
+    splits = {s: load_split(PROCESSED_DIR, s, meta) for s in ("train", "val", "test")}
+    data = {"meta": meta, "train_np": (splits["train"].images, splits["train"].labels)}
+    data.update({s: (torch.from_numpy(v.images), torch.from_numpy(v.labels)) for s, v in splits.items()})
+
+    threads = pick_threads(0)
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(), "threads": threads,
+            "torch": torch.__version__, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "matmul_gflops_fp32": round(matmul_peak(torch.float32), 1),
+            "matmul_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
+        },
+        "models": {},
+    }
+    log.info("machine: %s", result["machine"])
+    for name in args.models or model_names(params):
+        runs = []
+        for seed in range(args.seeds):
+            log.info("%s: seed %d", name, seed)
+            runs.append(run_engine(name, seed, data, params))
+            log.info("%s seed %d: final test accuracy %.4f, %s s to target, %d img/s", name, seed,
+                     runs[-1]["final_test_accuracy"], runs[-1]["seconds_to_target"], runs[-1]["images_per_s"])
+        first = runs[0]
+        flops = train_flops_per_image(first["model"], tuple(meta["shape"]), first["precision"])
+        summary = summarize(runs)
+        baseline = classic_baseline(name, data, params, args.baseline_batches)
+        log.info("%s baseline: %s", name, baseline)
+        result["models"][name] = {
+            "parameters": count_parameters(first["model"]),
+            "epochs": first["epochs"], "precision": first["precision"], "threads": first["threads"],
+            "target_test_accuracy": first["target"],
+            **summary,
+            "train_gflops_per_s": round(flops * summary["images_per_s_mean"] / 1e9, 1),
+            "train_mflops_per_image": round(flops / 1e6, 2),
+            "classic_dataloader_baseline": baseline,
+            "speedup_images_per_s_vs_baseline": round(summary["images_per_s_mean"] / baseline["images_per_s"], 1),
+            "runs": [{k: v for k, v in r.items() if k != "model"} for r in runs],
+        }
+    if not args.skip_dvc:
+        noop, ran = time_dvc(["repro"])
+        result["pipeline"] = {"dvc_repro_nothing_to_do_s": noop, "stages_run_nothing_to_do": ran}
+        # One training param of one model changes; --temp keeps the workspace as it was.
+        seconds, ran = time_dvc(["exp", "run", "--temp", "-n", "bench-rerun", "-S", "models.mlp.train.lr=0.049"])
+        subprocess.run(["dvc", "exp", "remove", "bench-rerun"], cwd=ROOT, capture_output=True)
+        result["pipeline"].update({"dvc_exp_run_after_one_train_param_s": seconds, "stages_run_after_change": ran})
+    write_json(args.out, result)
+    # The per-epoch curves are in the file; the terminal gets the figures.
+    shown = {**result, "models": {n: {k: v for k, v in m.items() if k != "runs"} for n, m in result["models"].items()}}
+    print(json.dumps(shown, indent=2))
+
+
+if __name__ == "__main__":
+    main()
