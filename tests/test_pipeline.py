@@ -40,7 +40,7 @@ def project(tmp_path_factory):
 
 
 def _stage_names():
-    return {"download", "preprocess", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+    return {"validate", "download", "preprocess", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
 
 
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
@@ -118,28 +118,39 @@ def test_logged_model_predicts_from_raw_pixels(project):
 
 
 def test_bad_param_fails_in_one_line_and_leaves_outputs_untouched(project):
-    before = (project.path / "models/cnn/model.pt").read_bytes()
+    outputs = {p: p.read_bytes() for p in (project.path / "models").rglob("*.pt")}
+    outputs.update({p: p.read_bytes() for p in (project.path / "metrics").rglob("*.json")})
     original = (project.path / "params.yaml").read_text()
     try:
         set_params(project.path, lambda p: p["train"].__setitem__("lr", -1))
+        expected = "error: train.lr: got -1: input should be greater than 0"
+        # The stage script on its own...
         proc = project.run("python", "stages/train.py", "cnn", check=False)
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1] == "error: train.lr: got -1: input should be greater than 0"
+        assert proc.stderr.strip().splitlines()[-1] == expected
         assert "Traceback" not in proc.stderr
-        assert (project.path / "models/cnn/model.pt").read_bytes() == before
+        # ...and through dvc repro, which the validate stage stops before DVC removes any
+        # stage's outputs to rerun it.
+        proc = project.run("dvc", "repro", check=False)
+        assert proc.returncode != 0
+        assert expected in proc.stderr
+        assert "Running stage 'train@" not in proc.stdout
+        assert {p: p.read_bytes() for p in outputs} == outputs
     finally:
         (project.path / "params.yaml").write_text(original)
-    assert project.repro() == set()
+    # Only the validate stage may run again (DVC removed its marker before it failed).
+    assert project.repro() <= {"validate"}
+    assert "up to date" in project.run("dvc", "status").stdout
 
 
 def test_training_param_reruns_training_not_data(project):
     set_params(project.path, lambda p: p["train"].__setitem__("lr", 0.04))
-    assert project.repro() == {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+    assert project.repro() == {"validate", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
 
 
 def test_one_models_param_reruns_only_that_model(project):
     set_params(project.path, lambda p: p["models"]["cnn"].__setitem__("hidden", 24))
-    assert project.repro() == {"train@cnn", "evaluate@cnn", "report"}
+    assert project.repro() == {"validate", "train@cnn", "evaluate@cnn", "report"}
 
 
 def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
@@ -151,6 +162,7 @@ def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
 def test_preprocess_param_reruns_from_preprocess_down(project):
     set_params(project.path, lambda p: p["preprocess"].__setitem__("seed", 7))
     assert project.repro() == _stage_names() - {"download"}
+    # validate reran but wrote the same bytes, so download (its only dependant) did not.
 
 
 def test_dvc_exp_run_sets_a_param_and_tags_the_mlflow_runs(project):

@@ -24,7 +24,7 @@ def test_real_fashion_mnist_reduced_config(tmp_path):
         }
 
     project = make_project(tmp_path, reduce)
-    assert project.repro() == {"download", "preprocess", "train@mlp", "train@cnn",
+    assert project.repro() == {"validate", "download", "preprocess", "train@mlp", "train@cnn",
                                "evaluate@mlp", "evaluate@cnn", "report"}
     meta = json.loads((project.path / "data/processed/meta.json").read_text())
     assert meta["counts"] == {"train": 54000, "val": 6000, "test": 10000}

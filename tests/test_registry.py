@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from fixtures import ROOT, git, make_fashion_like, make_project, serve_directory
+from fixtures import ROOT, Project, git, make_fashion_like, make_project, serve_directory
 from imgclf import registry
 from imgclf.errors import ConfigError
 from test_pipeline import TINY
@@ -284,7 +284,11 @@ def _experiments(shown: list[dict]) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
-    project = trained
+    # No MLFLOW_TRACKING_URI: the default store, <project>/mlflow.db, must receive the runs
+    # although DVC executes queued experiments in temporary copies under .dvc/tmp/exps.
+    env = {k: v for k, v in trained.env.items() if k != "MLFLOW_TRACKING_URI"}
+    project = Project(trained.path, env)
+    default_store = f"sqlite:///{project.path / 'mlflow.db'}"
     for lr in ("0.03", "0.04"):
         project.run("dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
     try:
@@ -299,7 +303,7 @@ def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
     experiments = _experiments(shown)
     assert sorted(experiments.values()) == [0.03, 0.04], experiments
 
-    client = _client(project)
+    client = _client(Project(project.path, {"MLFLOW_TRACKING_URI": default_store}))
     experiment = client.get_experiment_by_name("fashion-mnist-lesson")
     # The project's one store: the queued copies under .dvc/tmp/exps wrote here, not there.
     assert not list((project.path / ".dvc" / "tmp").rglob("mlflow.db"))
@@ -325,4 +329,4 @@ def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
             if model == "cnn":
                 version = registered_runs[run.info.run_id]
                 assert float(version.tags[registry.ACCURACY_TAG]) == pytest.approx(run.data.metrics["test/accuracy"])
-    assert len(registered_runs) == 3
+    assert len(registered_runs) == 2  # this store holds only the two experiments' versions

@@ -24,7 +24,7 @@ from test_pipeline import TINY
 pytestmark = pytest.mark.slow
 
 MODELS = tuple(TINY["models"])
-ALL_STAGES = {"download", "preprocess", "report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
+ALL_STAGES = {"validate", "download", "preprocess", "report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
 # Outputs that hold wall-clock timings or MLflow run ids by design; everything else is
 # a pure function of code, params, data and thread count.
 VARY_BY_DESIGN = {*(f"metrics/{m}/timing.json" for m in MODELS), "reports/report.html", "reports/report.md"}

@@ -260,3 +260,21 @@ def model_names(params: dict[str, Any] | None = None) -> list[str]:
     if not isinstance(models, dict) or not models:
         raise ConfigError("models: expected a non-empty mapping of model name -> architecture")
     return list(models)
+
+
+def validate_all(params: dict[str, Any] | None = None) -> list[str]:
+    """Validate every section at once; return the model names. Raises the first ConfigError."""
+    params = read_params() if params is None else params
+    load_section("download", DownloadConfig, params)
+    load_section("preprocess", PreprocessConfig, params)
+    names = model_names(params)
+    for name in names:
+        load_train(name, params)
+    load_section("evaluate", EvaluateConfig, params)
+    load_section("report", ReportConfig, params)
+    load_section("mlflow", MlflowConfig, params)
+    unknown = sorted(set(params) - {"download", "preprocess", "train", "models", "evaluate", "report", "mlflow"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (allowed: download, preprocess, train, models, "
+                          "evaluate, report, mlflow)")
+    return names
