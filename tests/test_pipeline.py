@@ -8,33 +8,13 @@ import json
 import pytest
 import yaml
 
-from fixtures import git, make_fashion_like, make_project, serve_directory, set_params
+from fixtures import TINY, git, set_params, tiny_project
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "eval_batch_size": 200, "threads": 1},
-    "models": {
-        "mlp": {"arch": "mlp", "hidden": [32], "dropout": 0.1, "train": {"augment": False}},
-        "cnn": {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.1},
-    },
-    "evaluate": {"batch_size": 200, "top_misclassified": 5},
-    "report": {"samples_per_class": 2, "prediction_grid": 12},
-}
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
-    mirror = base / "mirror"
-    checksums = make_fashion_like(mirror)
-    with serve_directory(mirror) as url:
-        def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
-            params["train"].update(TINY["train"])
-            params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
-
-        proj = make_project(base, tiny)
+    with tiny_project(tmp_path_factory.mktemp("e2e")) as proj:
         proj.first_run = proj.repro()
         yield proj
 

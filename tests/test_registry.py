@@ -15,10 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from fixtures import ROOT, Project, git, make_fashion_like, make_project, serve_directory
+from fixtures import ROOT, TINY, Project, git, tiny_project
 from imgclf import registry
 from imgclf.errors import ConfigError
-from test_pipeline import TINY
 
 REGISTERED = "fashion-mnist-classifier"
 
@@ -190,17 +189,10 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
 def trained(tmp_path_factory):
     """A tiny trained project, git-committed (as `dvc exp run --queue` wants it), with its own
     SQLite MLflow store (MLFLOW_TRACKING_URI in its env)."""
-    base = tmp_path_factory.mktemp("registry-e2e")
-    mirror = base / "mirror"
-    checksums = make_fashion_like(mirror)
-    with serve_directory(mirror) as url:
-        def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
-            params["train"].update(TINY["train"])
-            params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
-            params["mlflow"].update(register_model="cnn", registered_name=REGISTERED)
+    def register(params):
+        params["mlflow"].update(register_model="cnn", registered_name=REGISTERED)
 
-        proj = make_project(base, tiny)
+    with tiny_project(tmp_path_factory.mktemp("registry-e2e"), register) as proj:
         proj.repro()
         git(proj.path, "add", "-A")
         git(proj.path, "commit", "-qm", "tiny trained")

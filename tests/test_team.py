@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import ROOT, Project, git, make_fashion_like, make_project, serve_directory, set_params
+from fixtures import ROOT, TINY, Project, git, make_project, set_params, tiny_project
 from sshd import SSHDUnavailable, start_sshd
-from test_pipeline import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -84,20 +83,10 @@ def _documented(*messages: str) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny pipeline, run once and committed (dvc.lock, git-tracked metrics, .gitignores)."""
-    base = tmp_path_factory.mktemp("team")
-    mirror = base / "mirror"
-    checksums = make_fashion_like(mirror)
-    with serve_directory(mirror) as url:
-        def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
-            params["train"].update(TINY["train"])
-            params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
-
-        proj = make_project(base, tiny)
+    with tiny_project(tmp_path_factory.mktemp("team")) as proj:
         assert proj.repro() == ALL_STAGES
         _commit_all(proj, "trained")
-        proj.tiny = tiny  # the same params for a second project, while the mirror is served
-        yield proj
+        yield proj  # proj.tiny: the same params for a second project, while the mirror is served
 
 
 # 1. Exact reproducibility ---------------------------------------------------------------

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import BIN, ROOT, make_fashion_like, make_project, serve_directory
+from fixtures import BIN, ROOT, TINY, tiny_project
 from pgserver import PgServer, free_port, start_postgres
-from test_pipeline import TINY
 
 SCRIPT = ROOT / "scripts" / "mlflow_server.sh"
 EXPERIMENT = "fashion-mnist-lesson"
@@ -129,16 +128,7 @@ def server(postgres, tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A tiny project whose data is downloaded and split, nothing trained yet."""
-    base = tmp_path_factory.mktemp("served")
-    mirror = base / "mirror"
-    checksums = make_fashion_like(mirror)
-    with serve_directory(mirror) as url:
-        def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
-            params["train"].update(TINY["train"])
-            params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
-
-        proj = make_project(base, tiny)
+    with tiny_project(tmp_path_factory.mktemp("served")) as proj:
         proj.run("dvc", "repro", "preprocess")
         yield proj
 
