@@ -1,0 +1,221 @@
+"""Comparing runs in the MLflow UI, in a real browser.
+
+A throwaway `mlflow server` (SQLite) on a free loopback port receives the runs of the tiny
+pipeline, run twice in one project: once as committed (train.lr 0.05) and once as the DVC
+experiment `lr-004` with train.lr 0.04. Headless Chromium then opens the experiment page and
+the comparison page of the two CNN runs, as a person following README's "Comparing runs in
+MLflow" would, and checks what is on the screen. The comparison page's screenshot goes to the
+test's temporary folder; with IMGCLF_SCREENSHOT=docs/mlflow-compare.png set it also refreshes
+README's picture (tests never write into the checkout by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from browser import BrowserUnavailable, start_chromium
+from fixtures import BIN, ROOT, tiny_project
+from pgserver import free_port
+
+EXPERIMENT = "fashion-mnist-lesson"
+WAIT = 60  # seconds for the single-page app to show something; it usually takes one or two
+
+# Every row of every table on the page, as lists of cell texts (header cells included): the
+# run details and the parameters are HTML tables.
+TABLE_ROWS_JS = """
+return Array.from(document.querySelectorAll('tr')).map(
+    tr => Array.from(tr.children).map(cell => cell.innerText.trim()));
+"""
+# The metrics are a grid of absolutely positioned cells, names (links to the metric's chart)
+# apart from values: return the texts of the cells on the same line as the name, left to right.
+METRIC_ROW_JS = """
+const label = arguments[0];
+const link = Array.from(document.querySelectorAll('a[title="Plot chart"]'))
+    .find(a => a.textContent.trim() === label);
+if (!link) return null;
+const name = link.parentElement.getBoundingClientRect();
+return Array.from(document.querySelectorAll('div[style*="position: absolute"]'))
+    .filter(cell => !cell.querySelector('div, a'))
+    .map(cell => [cell, cell.getBoundingClientRect()])
+    .filter(([cell, box]) => box.height > 0 && Math.abs(box.top - name.top) < 2 && box.left >= name.right - 1)
+    .sort((a, b) => a[1].left - b[1].left)
+    .map(([cell, box]) => cell.innerText.trim());
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium; asked for first, so a machine without one skips before training."""
+    work = tmp_path_factory.mktemp("chromium")
+    try:
+        driver = start_chromium(work / "profile", log_file=work / "chromedriver.log")
+    except BrowserUnavailable as exc:
+        # CI (and any root Debian machine) always runs it; elsewhere say what is missing.
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no headless Chromium can be driven here: {exc}")
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`mlflow server` with a SQLite store, serving artifacts from its own folder."""
+    work = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = work / "server.log"
+    with log.open("wb") as out:
+        # One worker: the test is its only client, and the machine has few cores to spare.
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.read().strip() == b"OK":
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        # Its own session: the signal reaches mlflow and the uvicorn worker it started.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def two_lrs(tracking_server, tmp_path_factory):
+    """The tiny pipeline as committed (train.lr 0.05), then `dvc exp run` with train.lr 0.04,
+    both logging to the tracking server."""
+    with tiny_project(tmp_path_factory.mktemp("ui")) as proj:
+        proj.env["MLFLOW_TRACKING_URI"] = tracking_server
+        proj.repro()
+        proj.run("dvc", "exp", "run", "-n", "lr-004", "-S", "train.lr=0.04")
+    return proj
+
+
+def _page_text(driver) -> str:
+    return driver.execute_script("return document.body ? document.body.innerText : ''")
+
+
+def _wait_until(driver, what: str, condition, timeout: float = WAIT):
+    """Poll `condition(driver)` until it is truthy; fail with what the page showed instead."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition)
+    except TimeoutException:
+        raise AssertionError(
+            f"{what}: not shown within {timeout} s at {driver.current_url}; the page says:\n"
+            f"{_page_text(driver)[-3000:]}") from None
+
+
+def _wait_for_text(driver, *texts: str) -> str:
+    def shown(d):
+        text = _page_text(d)
+        return text if all(t in text for t in texts) else False
+
+    return _wait_until(driver, f"text {texts}", shown)
+
+
+def _row(rows: list[list[str]], label: str) -> list[str]:
+    """The cells after the label of the table row whose first cell is `label`."""
+    found = [r[1:] for r in rows if r and r[0].rstrip(":") == label]
+    assert found, f"no table row {label!r} on the page; rows: {[r[0] for r in rows if r]}"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_mlflow_ui_compares_the_two_learning_rates(browser, two_lrs, tracking_server, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.model_name = 'cnn'",
+                              order_by=["attributes.start_time ASC"])
+    assert [r.data.params["train.lr"] for r in runs] == ["0.05", "0.04"]
+    assert runs[1].data.tags["dvc_exp_name"] == "lr-004"
+    lr = {r.info.run_id: r.data.params["train.lr"] for r in runs}
+    accuracy = {r.info.run_id: r.data.metrics["test/accuracy"] for r in runs}
+
+    # 1. The experiment's runs, as "Model training" (not the GenAI overview) shows them: all
+    #    four runs (cnn and mlp, twice), each linking to its own page.
+    browser.get(f"{tracking_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+    _wait_for_text(browser, EXPERIMENT, "Run Name", "4 matching runs")
+    for run_id in lr:
+        _wait_until(browser, f"a link to run {run_id}",
+                    lambda d, run_id=run_id: d.find_elements("css selector", f'a[href*="{run_id}"]'))
+
+    # 2. The comparison page, as the Compare button opens it.
+    query = urllib.parse.urlencode(
+        {"runs": json.dumps(list(lr)), "experiments": json.dumps([experiment.experiment_id])},
+        quote_via=urllib.parse.quote)
+    browser.get(f"{tracking_server}/#/compare-runs?{query}")
+    _wait_for_text(browser, "Comparing 2 Runs from 1 Experiment", "Run ID:", "Parameters", "Metrics",
+                   "train.lr", "test/accuracy", *lr)
+    rows = browser.execute_script(TABLE_ROWS_JS)
+    columns = _row(rows, "Run ID")
+    assert sorted(columns) == sorted(lr), columns
+    assert _row(rows, "Run Name") == ["cnn", "cnn"]
+    # The differing hyperparameter, one column per run.
+    assert _row(rows, "train.lr") == [lr[run_id] for run_id in columns]
+    # The test accuracy of each run, as the UI rounds it.
+    shown = browser.execute_script(METRIC_ROW_JS, "test/accuracy")
+    assert shown and len(shown) == 2, shown
+    for run_id, text in zip(columns, shown):
+        assert float(text) == pytest.approx(accuracy[run_id], abs=5e-4), (run_id, text)
+
+    # "Show diff only" on the parameters: of all the params, the UI finds only train.lr differs.
+    params = set(runs[0].data.params) | set(runs[1].data.params)
+
+    def param_rows(d):
+        return [r for r in d.execute_script(TABLE_ROWS_JS) if r and r[0] in params]
+
+    assert len(param_rows(browser)) == len(params) > 1
+    browser.find_element("css selector", '[aria-label="Parameters - Show diff only"]').click()
+    _wait_until(browser, "the parameters reduced to the ones that differ", lambda d: len(param_rows(d)) < len(params))
+    assert param_rows(browser) == [["train.lr", *[lr[run_id] for run_id in columns]]]
+
+    # The screenshot: without the assistant's side panel and with the charts folded away, so
+    # the title, the run ids, the differing param and the first metrics are in view.
+    close = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'
+    for button in browser.find_elements("css selector", close):
+        button.click()
+    _wait_until(browser, "the assistant panel closed", lambda d: not d.find_elements("css selector", close))
+    browser.find_element("xpath", "//div[@role='button'][normalize-space()='Visualizations']").click()
+    _wait_until(browser, "the charts folded", lambda d: "Parallel Coordinates Plot" not in _page_text(d))
+    # A little taller than the default window, so test/accuracy's row fits under the run details.
+    browser.set_window_size(1600, 1150)
+    browser.execute_script("document.querySelector('.CompareRunView').scrollIntoView(true);")
+    shot = tmp_path / "mlflow-compare.png"
+    assert browser.save_screenshot(str(shot)), "Chromium could not take the screenshot"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("IMGCLF_SCREENSHOT"):
+        (ROOT / os.environ["IMGCLF_SCREENSHOT"]).write_bytes(shot.read_bytes())
