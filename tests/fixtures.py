@@ -11,6 +11,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,3 +172,21 @@ def tiny_project(base: Path, extra=None) -> Iterator[Project]:
         project = make_project(base, tiny)
         project.tiny = tiny
         yield project
+
+
+def wait_for_mlflow(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
+    """Return once the MLflow server started as `proc` answers /health; fail with its log if it
+    exits or stays silent."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.read().strip() == b"OK":
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +22,7 @@ import urllib.request
 import pytest
 
 from browser import BrowserUnavailable, start_chromium
-from fixtures import BIN, ROOT, tiny_project
+from fixtures import BIN, ROOT, tiny_project, wait_for_mlflow
 from pgserver import free_port
 
 EXPERIMENT = "fashion-mnist-lesson"
@@ -83,19 +82,7 @@ def tracking_server(tmp_path_factory):
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_mlflow(proc, url, log)
         yield url
     finally:
         # Its own session: the signal reaches mlflow and the uvicorn worker it started.

@@ -8,15 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fixtures import BIN, ROOT, TINY, tiny_project
+from fixtures import BIN, ROOT, TINY, tiny_project, wait_for_mlflow
 from pgserver import PgServer, free_port, start_postgres
 
 SCRIPT = ROOT / "scripts" / "mlflow_server.sh"
@@ -109,19 +106,7 @@ def server(postgres, tmp_path_factory, request):
 
     request.addfinalizer(stop)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.read().strip() == b"OK":
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_for_mlflow(proc, url, log)
     return Server(url=url, artifacts=work / "artifacts", log=log, pg=postgres)
 
 
