@@ -7,7 +7,7 @@ import logging
 from imgclf import cli
 from imgclf.atomic import atomic_dir
 from imgclf.config import PreprocessConfig, load_dataset_name, load_section, read_params
-from imgclf.data.dataset import Split, channel_stats, load_raw, save_processed, stratified_split
+from imgclf.data.dataset import DATASETS, Split, channel_stats, load_raw, save_processed, stratified_split
 from imgclf.paths import PROCESSED_DIR, RAW_DIR
 
 log = logging.getLogger("preprocess")
@@ -31,6 +31,7 @@ def main() -> None:
         "counts": {"train": len(train.labels), "val": len(val.labels), "test": len(test.labels)},
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
+        "augment": {"shift": DATASETS[dataset].augment_shift, "flip": DATASETS[dataset].augment_flip},
     }
     with atomic_dir(PROCESSED_DIR) as tmp:
         save_processed(tmp, {"train": train, "val": val, "test": test}, meta)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf.errors import ConfigError
 from imgclf.paths import PARAMS_FILE
@@ -67,6 +67,20 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     threads: Annotated[int, Field(ge=0)] = 0
     eval_batch_size: PosInt = 1000
+    # auto: CUDA when torch sees a GPU, else CPU. Asking for cuda without one is an error.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on CUDA): same bytes out.
+    deterministic: bool = True
+    # Data-parallel DDP processes on this machine (torchrun). batch_size stays the global
+    # batch (split evenly across processes), so lr needs no rescaling when this changes.
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} does not split evenly across "
+                             f"{self.processes} processes (use a multiple of {self.processes})")
+        return self
 
 
 class MLPConfig(Section):
@@ -188,6 +202,8 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across keys (model_validator): the message names them
+        return f"{path}: {msg}"
     shown = "null" if value is None else repr(value)
     return f"{path}: got {shown}: {msg[0].lower() + msg[1:]}"
 
@@ -237,8 +253,8 @@ def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
-        bad = str(exc.errors()[0]["loc"][0])
-        if bad in model.train:
+        loc = exc.errors()[0]["loc"]
+        if loc and str(loc[0]) in model.train:
             prefix = f"models.{name}.train"
         raise ConfigError(_format_error(exc, prefix, TrainConfig, merged)) from None
 

@@ -74,6 +74,19 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """What `train.augment` does for a data set (recorded in meta.json by the preprocess stage)."""
+
+    shift: int = 2
+    flip: bool = True
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Augmentation:
+        policy = meta.get("augment", {})
+        return cls(shift=int(policy.get("shift", 2)), flip=bool(policy.get("flip", True)))
+
+
+@dataclass(frozen=True)
 class Normalizer:
     """uint8 (N, C, H, W) -> standardized float32, channels_last for faster CPU convolutions."""
 
@@ -89,11 +102,13 @@ class Normalizer:
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def augment(pixels: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Per-image random translation by up to `shift` pixels and random horizontal flip.
+def augment(pixels: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: bool = True) -> torch.Tensor:
+    """Per-image random translation by up to `shift` pixels (a padded random crop) and, when
+    `flip`, a random horizontal flip.
 
     Each image gets its own offsets and flip (unlike batch-level transforms, which draw one
-    set of parameters per call). Labels are unchanged: both moves keep the class.
+    set of parameters per call). Labels are unchanged: both moves keep the class (which is
+    why digits are never flipped: the data set decides, see `DatasetSpec`).
     """
     n, _, h, w = pixels.shape
     padded = F.pad(pixels, (shift, shift, shift, shift))
@@ -101,8 +116,9 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, shift: int = 2) ->
     dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    flip = torch.rand(n, generator=generator) < 0.5
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    # Drawn even when unused, so the random stream (and the shifts) do not depend on `flip`.
+    flips = (torch.rand(n, generator=generator) < 0.5) & flip
+    cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
     batch = torch.arange(n)[:, None, None, None]
     chans = torch.arange(pixels.shape[1])[None, :, None, None]
     return padded[batch, chans, rows, cols]
@@ -142,6 +158,7 @@ def train_one_epoch(
     do_augment: bool,
     precision: str,
     epoch: int,
+    augmentation: Augmentation | None = None,
 ) -> dict[str, float]:
     model.train()
     start = time.perf_counter()
@@ -152,7 +169,8 @@ def train_one_epoch(
         idx = order[first : first + batch_size]
         pixels = images[idx]
         if do_augment:
-            pixels = augment(pixels, generator)
+            policy = augmentation or Augmentation()
+            pixels = augment(pixels, generator, shift=policy.shift, flip=policy.flip)
         x, y = normalize(pixels), labels[idx]
         with autocast(precision):
             out = model(x)
@@ -221,6 +239,7 @@ def fit(
     cfg: TrainConfig,
     normalize: Normalizer,
     precision: str,
+    augmentation: Augmentation | None = None,
     on_improve: Callable[[EpochRecord], None],
     on_epoch: Callable[[EpochRecord], None] = lambda record: None,
 ) -> list[EpochRecord]:
@@ -239,6 +258,7 @@ def fit(
             model, train_images, train_labels, optimizer=optimizer, scheduler=scheduler,
             loss_fn=train_loss, normalize=normalize, batch_size=cfg.batch_size,
             generator=generator, do_augment=cfg.augment, precision=precision, epoch=epoch,
+            augmentation=augmentation,
         )
         val_metrics = evaluate(
             model, val_images, val_labels, loss_fn=val_loss_fn, normalize=normalize,

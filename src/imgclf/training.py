@@ -15,7 +15,7 @@ from imgclf import checkpoint, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import EpochRecord, Normalizer, fit, pick_threads, resolve_precision
+from imgclf.engine import Augmentation, EpochRecord, Normalizer, fit, pick_threads, resolve_precision
 from imgclf.models import Classifier, build_model, count_parameters
 from imgclf.schema import HISTORY_COLUMNS
 
@@ -95,7 +95,8 @@ def train_model(
         })
         started = time.perf_counter()
         history = fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize,
-                      precision=precision, on_improve=save_best, on_epoch=log_epoch)
+                      precision=precision, augmentation=Augmentation.from_meta(meta),
+                      on_improve=save_best, on_epoch=log_epoch)
         train_seconds = time.perf_counter() - started
         record = best["record"]
         summary = {

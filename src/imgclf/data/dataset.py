@@ -27,6 +27,10 @@ class DatasetSpec:
     train_labels: str
     test_images: str
     test_labels: str
+    # `train.augment` for this data set: random shifts of up to `augment_shift` pixels, and
+    # horizontal flips only where a mirrored image keeps its class (clothes yes, digits no).
+    augment_shift: int = 2
+    augment_flip: bool = True
 
 
 _IDX_FILES = dict(
