@@ -200,8 +200,12 @@ def input_example(images: Any) -> Any:
     return np.ascontiguousarray(images[:4])
 
 
-def log_model(classifier: Any, example: Any, src_dir: Path) -> None:
-    """Log the servable model (normalization inside) with its signature and an input example."""
+def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] | None = None) -> None:
+    """Log the servable model (normalization inside) with its signature and an input example.
+
+    The class names travel in the model's metadata, so a client of `models:/<name>@champion`
+    can name what the probability columns mean without the project's files.
+    """
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -217,10 +221,12 @@ def log_model(classifier: Any, example: Any, src_dir: Path) -> None:
         # Pinned explicitly: inferring requirements would import-scan the environment (slow).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         code_paths=[str(src_dir)],
+        metadata={"classes": list(classes or []), "input_shape": list(example.shape[1:])},
     )
 
 
-def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, example: Any, src_dir: Path) -> None:
+def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, example: Any, src_dir: Path,
+                        classes: list[str] | None = None) -> None:
     """Log the model to the active run unless that run already has one (it lacks one when the
     model came from DVC's cache or a remote, or when logging failed after training)."""
     import mlflow
@@ -230,4 +236,4 @@ def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, exampl
     )
     if not existing:
         log.info("run %s has no logged model yet: logging it", run_id)
-        log_model(classifier, example, src_dir)
+        log_model(classifier, example, src_dir, classes)

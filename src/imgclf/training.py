@@ -127,7 +127,7 @@ def train_model(
                                 "train/seconds": train_seconds})
             best_model, state = checkpoint.load(checkpoint_path, arch)
             classifier = Classifier(best_model, state["mean"], state["std"])
-            tracking.log_model(classifier, tracking.input_example(val.images), src_dir)
+            tracking.log_model(classifier, tracking.input_example(val.images), src_dir, meta["classes"])
         except Exception as exc:  # noqa: BLE001 - any tracking failure (HTTP, SQL, disk) is handled alike
             # The model and metrics are already written: losing minutes of training to a
             # tracking hiccup helps nobody. The evaluate stage re-attaches the model to a run.
