@@ -11,10 +11,11 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 FMNIST_LOCAL := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help venv data-source repro test test-fast bench mlflow-ui mlflow-server clean
+.PHONY: help venv data-source repro pull test test-fast bench mlflow-ui mlflow-server clean
 
 help:
 	@echo "make repro      set up .venv and run the whole pipeline (dvc repro)"
+	@echo "make pull       set up .venv and fetch data, models and run cache from the DVC remote"
 	@echo "make test       set up .venv and run the whole test suite"
 	@echo "make test-fast  the tests not marked slow"
 	@echo "make mlflow-ui  browse the runs at http://127.0.0.1:5000"
@@ -46,6 +47,10 @@ data-source:
 
 repro: venv data-source
 	dvc repro
+
+# A teammate's first step after cloning: `dvc pull --run-cache`, explained in one line if it fails.
+pull: venv
+	$(BIN)/python -m imgclf.pull $(PULL_ARGS)
 
 test: venv data-source
 	$(BIN)/python -m pytest

@@ -10,12 +10,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from fixtures import ROOT, TINY, Project, git, tiny_project
+from dvcqueue import check_experiment_runs, run_queued
+from fixtures import ROOT, Project, git, tiny_project
 from imgclf import registry
 from imgclf.errors import ConfigError
 
@@ -241,39 +241,6 @@ def test_champion_alias_loads_and_predicts_probabilities_from_raw_pixels(trained
     assert float(np.mean(probs.argmax(axis=1) == labels)) == pytest.approx(test["test/accuracy"])
 
 
-def _wait_for_queue(project, limit_s: float = 420) -> str:
-    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        status = project.run("dvc", "queue", "status").stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"queued experiments still running after {limit_s:.0f}s:\n{status}")
-        time.sleep(3)
-
-
-def _failure_logs(project, status: str) -> str:
-    """The status table plus the output of every failed task, for the assertion message."""
-    logs = [status]
-    for line in status.splitlines():
-        if "Failed" in line:
-            task = line.split()[0]
-            logs.append(project.run("dvc", "queue", "logs", task, check=False).stdout[-4000:])
-    return "\n".join(logs)
-
-
-def _experiments(shown: list[dict]) -> dict[str, float]:
-    """{experiment name: its train.lr} from `dvc exp show --json`."""
-    found = {}
-    for entry in shown:
-        for exp in entry.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                params = rev["data"]["params"]["params.yaml"]["data"]
-                found[exp["name"]] = params["train"]["lr"]
-    return found
-
-
 @pytest.mark.slow
 def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
     # No MLFLOW_TRACKING_URI: the default store, <project>/mlflow.db, must receive the runs
@@ -281,44 +248,10 @@ def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
     env = {k: v for k, v in trained.env.items() if k != "MLFLOW_TRACKING_URI"}
     project = Project(trained.path, env)
     default_store = f"sqlite:///{project.path / 'mlflow.db'}"
-    for lr in ("0.03", "0.04"):
-        project.run("dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
-    try:
-        project.run("dvc", "queue", "start", "-j", "2")
-        status = _wait_for_queue(project)
-    finally:
-        # Workers exit by themselves once the queue is empty; stop them if the wait gave up.
-        project.run("dvc", "queue", "stop", "--kill", check=False)
-    assert "Failed" not in status, _failure_logs(project, status)
-
-    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
-    experiments = _experiments(shown)
-    assert sorted(experiments.values()) == [0.03, 0.04], experiments
-
+    experiments = run_queued(project, ("0.03", "0.04"))
     client = _client(Project(project.path, {"MLFLOW_TRACKING_URI": default_store}))
-    experiment = client.get_experiment_by_name("fashion-mnist-lesson")
     # The project's one store: the queued copies under .dvc/tmp/exps wrote here, not there.
     assert not list((project.path / ".dvc" / "tmp").rglob("mlflow.db"))
-    epochs = TINY["train"]["epochs"]
-    registered_runs = {v.run_id: v for v in client.search_model_versions(f"name = '{REGISTERED}'")}
-    for exp_name, lr in experiments.items():
-        runs = client.search_runs([experiment.experiment_id], f"tags.dvc_exp_name = '{exp_name}'")
-        assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"], exp_name
-        for run in runs:
-            model = run.data.tags["model_name"]
-            expected_lr = lr if model == "cnn" else TINY["models"]["mlp"]["train"].get("lr", lr)
-            assert float(run.data.params["train.lr"]) == pytest.approx(expected_lr), (exp_name, model)
-            for metric in ("train/loss", "val/loss", "val/accuracy"):
-                steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
-                assert steps == list(range(1, epochs + 1)), (exp_name, model, metric)
-            assert 0 <= run.data.metrics["test/accuracy"] <= 1, (exp_name, model)
-            artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-            assert "report/report.html" in artifacts, (exp_name, model)
-            logged = client.search_logged_models([experiment.experiment_id],
-                                                 filter_string=f"source_run_id = '{run.info.run_id}'")
-            assert len(logged) == 1, (exp_name, model)
-            # Each experiment's cnn became a registry version tagged with its own test accuracy.
-            if model == "cnn":
-                version = registered_runs[run.info.run_id]
-                assert float(version.tags[registry.ACCURACY_TAG]) == pytest.approx(run.data.metrics["test/accuracy"])
-    assert len(registered_runs) == 2  # this store holds only the two experiments' versions
+    check_experiment_runs(client, experiments, REGISTERED, registry.ACCURACY_TAG)
+    # This store holds only the two experiments' versions.
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 2

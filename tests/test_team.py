@@ -265,6 +265,17 @@ def test_pull_with_no_remote_configured_fails_and_says_so(trained, tmp_path):
     assert CHECKOUT_FAILED in out and "models/cnn/model.pt" in out, out
     _documented(NO_REMOTE, CHECKOUT_FAILED)
 
+    # `make pull` runs the same pull, then says in one line what is missing and what to run.
+    proc = carol.run("python", "-m", "imgclf.pull", check=False)
+    assert proc.returncode == 2, _output(proc)
+    assert NO_REMOTE in proc.stderr  # DVC's own output still passes through
+    last = proc.stderr.strip().splitlines()[-1]
+    missing = [p for p in _lock_outs(trained.path) if not (carol.path / p).exists()]
+    assert "models/cnn/model.pt" in missing and "metrics/cnn/test.json" not in missing  # git brought metrics
+    assert last.startswith(f"error: dvc pull: no DVC remote is configured, so {len(missing)} outputs are missing ("), last
+    assert "`dvc remote add -d team <url>`" in last and "`dvc repro`" in last, last
+    _documented("make pull")
+
 
 def test_pull_from_a_remote_missing_an_object_names_the_output(local_remote, tmp_path):
     # A copy of the team's storage with one object gone, as after an incomplete push.
@@ -287,3 +298,9 @@ def test_pull_from_a_remote_missing_an_object_names_the_output(local_remote, tmp
     assert not (dave.path / "models/cnn/model.pt").exists()
     assert (dave.path / "models/mlp/model.pt").exists()  # everything else still arrived
     _documented(MISSING_CACHE, CHECKOUT_FAILED)
+
+    proc = dave.run("python", "-m", "imgclf.pull", check=False)
+    assert proc.returncode == 2, _output(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dvc pull: remote 'team' did not deliver models/cnn/model.pt (stage train@cnn): "), last
+    assert "`dvc push --run-cache`" in last and last.endswith("`dvc repro train@cnn`"), last

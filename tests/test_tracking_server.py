@@ -1,6 +1,7 @@
 """The team tracking server: scripts/mlflow_server.sh on a throwaway PostgreSQL, the tiny
-pipeline logging to it over HTTP, and everything read back through the server; plus the
-train stage refusing to start when the configured server does not answer."""
+pipeline logging to it over HTTP, and everything read back through the server; two queued
+experiments logging to it at once; plus the train stage refusing to start when the configured
+server does not answer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from dvcqueue import check_experiment_runs, run_queued
 from fixtures import BIN, ROOT, TINY, tiny_project, wait_for_mlflow
+from imgclf.registry import ACCURACY_TAG
 from pgserver import PgServer, free_port, start_postgres
 
 SCRIPT = ROOT / "scripts" / "mlflow_server.sh"
@@ -196,3 +199,24 @@ def test_runs_and_registry_live_in_postgresql(served_run, server, client):
     assert not list(server.log.parent.rglob("*.db"))
     champion = client.get_model_version_by_alias(REGISTERED, "champion")
     assert client.get_run(champion.run_id).data.tags["model_name"] == "cnn"
+
+
+@pytest.mark.slow
+def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(served_run, server, client):
+    """Two queued experiments run at once (`dvc queue start -j 2`), both logging to the team
+    server: each leaves complete runs, and the server's registry gets both cnn versions.
+    Last in this module: the tests above count the runs of the first pipeline execution."""
+    import psycopg2
+
+    served_run.run("git", "add", "-A")
+    served_run.run("git", "commit", "-qm", "tiny pipeline trained against the server")
+    before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    experiments = run_queued(served_run, ("0.03", "0.04"))
+    check_experiment_runs(client, experiments, REGISTERED, ACCURACY_TAG)
+    # Nothing went to a local store instead: no SQLite file in the project or its temp copies.
+    assert not list(served_run.path.rglob("mlflow.db"))
+    with psycopg2.connect(server.pg.uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs")
+        assert cur.fetchone()[0] == len(before) + 2 * len(experiments)
+        cur.execute("SELECT version FROM model_versions WHERE name = %s ORDER BY version", (REGISTERED,))
+        assert [v for (v,) in cur.fetchall()] == [1, 2, 3]

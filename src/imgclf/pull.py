@@ -1,0 +1,114 @@
+"""`make pull` / `python -m imgclf.pull`: `dvc pull --run-cache`, and when it fails, one line
+saying which outputs are missing and what to run.
+
+DVC's own messages name the missing paths but not the way out: with no remote configured it
+even prints "Everything is up to date." before failing. This wrapper runs the real `dvc pull`
+(its output passes through unchanged), then, only on failure, works out from the git-tracked
+`dvc.lock` and the workspace which outputs did not arrive, which stages produce them, and
+whether a remote is configured at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from imgclf import cli
+from imgclf.errors import PipelineError
+
+SHOWN = 4  # missing paths named in the message; the rest are counted
+
+
+class PullError(PipelineError):
+    """`dvc pull` did not bring every output of dvc.lock into the workspace."""
+
+
+def repo_root(start: Path) -> Path:
+    """The nearest directory at or above `start` holding a `.dvc` folder."""
+    for path in (start, *start.parents):
+        if (path / ".dvc").is_dir():
+            return path
+    raise PullError(f"{start} is not inside a DVC project (no .dvc folder here or above): run this in your clone")
+
+
+def locked_outputs(root: Path) -> dict[str, str]:
+    """{output path: the stage that produces it} for every output recorded in dvc.lock."""
+    lock = root / "dvc.lock"
+    try:
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except FileNotFoundError:
+        raise PullError(f"{lock} is missing: nothing has been run and committed yet, so there is nothing to "
+                        "pull; run `dvc repro`") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise PullError(f"{lock}: unreadable ({' '.join(str(exc).split())})") from None
+    return {out["path"]: stage for stage, entry in stages.items() for out in (entry or {}).get("outs", [])}
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, check=False)
+
+
+def default_remote(root: Path) -> str | None:
+    """The default remote's name (from .dvc/config or config.local), or None."""
+    proc = _dvc(root, "remote", "default")
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name else None
+
+
+def _listing(paths: list[str]) -> str:
+    shown = ", ".join(paths[:SHOWN])
+    return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+
+
+def diagnose(root: Path, remote: str | None, dvc_error: str) -> str:
+    """The one-line explanation of a failed pull; `dvc_error` is DVC's last ERROR line."""
+    produced_by = locked_outputs(root)
+    missing = sorted(p for p in produced_by if not (root / p).exists())
+    stages = sorted({produced_by[p] for p in missing})
+    if remote is None:
+        return (f"dvc pull: no DVC remote is configured, so {len(missing)} outputs are missing "
+                f"({_listing(missing)}): `git pull` the commit that adds the team's remote, or add it with "
+                "`dvc remote add -d team <url>` (credentials with `dvc remote modify --local`; see docs/team.md), "
+                "then `make pull`; or rebuild everything here with `dvc repro`")
+    if not missing:
+        # Everything is in the workspace; DVC failed on something else (the run cache, a lock).
+        return f"dvc pull failed, though every output of dvc.lock is present: {dvc_error or 'see the DVC output above'}"
+    # DVC's "Checkout failed for following targets:" only repeats the paths; anything else
+    # (a refused login, an unreachable host) is the actual cause and is kept.
+    said = f"; DVC said: {dvc_error}" if dvc_error and "Checkout failed" not in dvc_error else ""
+    return (f"dvc pull: remote {remote!r} did not deliver {_listing(missing)} (stage{'s' if len(stages) > 1 else ''} "
+            f"{', '.join(stages)}{said}): ask whoever committed dvc.lock "
+            "(`git log -1 -- dvc.lock`) to run `dvc push --run-cache`, then `make pull` again; "
+            f"or rebuild it here with `dvc repro {' '.join(stages)}`")
+
+
+def _last_error(output: str) -> str:
+    errors = [line.removeprefix("ERROR: ").strip() for line in output.splitlines() if line.startswith("ERROR:")]
+    return errors[-1] if errors else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="dvc pull --run-cache, with a one-line diagnosis when it fails",
+        epilog="Extra arguments go to `dvc pull` (for example -r <remote> or a target).",
+    )
+    parser.add_argument("-r", "--remote", help="the remote to pull from (default: the default remote)")
+    args, extra = parser.parse_known_args(argv)
+    root = repo_root(Path.cwd())
+    remote_args = ["-r", args.remote] if args.remote else []
+    proc = subprocess.run(["dvc", "pull", "--run-cache", *remote_args, *extra], cwd=root, capture_output=True,
+                          text=True, check=False)
+    # DVC's own report first, as if it had been run directly.
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode == 0:
+        return
+    raise PullError(diagnose(root, args.remote or default_remote(root), _last_error(proc.stdout + proc.stderr)))
+
+
+if __name__ == "__main__":
+    cli.run(main)

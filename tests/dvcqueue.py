@@ -1,0 +1,87 @@
+"""Queued DVC experiments (`dvc exp run --queue` + `dvc queue start -j 2`) and the check that
+each one left a complete, correct set of MLflow runs, wherever the runs were logged (the
+project's SQLite store in test_registry.py, the team server in test_tracking_server.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from fixtures import TINY, Project
+
+EXPERIMENT = "fashion-mnist-lesson"
+
+
+def wait_for_queue(project: Project, limit_s: float = 420) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        status = project.run("dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queued experiments still running after {limit_s:.0f}s:\n{status}")
+        time.sleep(3)
+
+
+def failure_logs(project: Project, status: str) -> str:
+    """The status table plus the output of every failed task, for the assertion message."""
+    logs = [status]
+    for line in status.splitlines():
+        if "Failed" in line:
+            task = line.split()[0]
+            logs.append(project.run("dvc", "queue", "logs", task, check=False).stdout[-4000:])
+    return "\n".join(logs)
+
+
+def run_queued(project: Project, lrs: tuple[str, ...]) -> dict[str, float]:
+    """Queue one experiment per train.lr, run them two at a time; return {name: lr} as
+    `dvc exp show` reports them."""
+    for lr in lrs:
+        project.run("dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
+    try:
+        project.run("dvc", "queue", "start", "-j", "2")
+        status = wait_for_queue(project)
+    finally:
+        # Workers exit by themselves once the queue is empty; stop them if the wait gave up.
+        project.run("dvc", "queue", "stop", "--kill", check=False)
+    assert "Failed" not in status, failure_logs(project, status)
+    shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
+    found = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                params = rev["data"]["params"]["params.yaml"]["data"]
+                found[exp["name"]] = params["train"]["lr"]
+    assert sorted(found.values()) == sorted(float(lr) for lr in lrs), found
+    return found
+
+
+def check_experiment_runs(client, experiments: dict[str, float], registered: str, accuracy_tag: str) -> None:
+    """Every experiment has one run per model with its own lr, every epoch's metrics, the test
+    accuracy, the report and one logged model; its cnn is a registry version with its accuracy."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    epochs = TINY["train"]["epochs"]
+    registered_runs = {v.run_id: v for v in client.search_model_versions(f"name = '{registered}'")}
+    for exp_name, lr in experiments.items():
+        runs = client.search_runs([experiment.experiment_id], f"tags.dvc_exp_name = '{exp_name}'")
+        assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"], exp_name
+        for run in runs:
+            model = run.data.tags["model_name"]
+            expected_lr = lr if model == "cnn" else TINY["models"]["mlp"]["train"].get("lr", lr)
+            assert float(run.data.params["train.lr"]) == pytest.approx(expected_lr), (exp_name, model)
+            for metric in ("train/loss", "val/loss", "val/accuracy"):
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+                assert steps == list(range(1, epochs + 1)), (exp_name, model, metric)
+            assert 0 <= run.data.metrics["test/accuracy"] <= 1, (exp_name, model)
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+            assert "report/report.html" in artifacts, (exp_name, model)
+            logged = client.search_logged_models([experiment.experiment_id],
+                                                 filter_string=f"source_run_id = '{run.info.run_id}'")
+            assert len(logged) == 1, (exp_name, model)
+            if model == "cnn":
+                version = registered_runs[run.info.run_id]
+                assert float(version.tags[accuracy_tag]) == pytest.approx(run.data.metrics["test/accuracy"])
