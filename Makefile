@@ -52,11 +52,14 @@ repro: venv data-source
 pull: venv
 	$(BIN)/python -m imgclf.pull $(PULL_ARGS)
 
+# Test files run in parallel, one file per worker at a time (module fixtures such as a trained
+# tiny project are shared within a file); most of a test's time is process start-up, not compute.
+TEST_WORKERS ?= auto
 test: venv data-source
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
