@@ -59,7 +59,7 @@ def main() -> None:
     log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
     if mlflow_cfg.register_model == name:
         # After the metrics are in the run: the champion rule reads the test accuracy.
-        registry.register(run_id, name, mlflow_cfg.registered_name, m["test/accuracy"])
+        registry.register(run_id, name, mlflow_cfg.registered_name, m["test/accuracy"], dataset=meta["dataset"])
 
 
 if __name__ == "__main__":

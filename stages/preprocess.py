@@ -7,7 +7,8 @@ import logging
 from imgclf import cli
 from imgclf.atomic import atomic_dir
 from imgclf.config import PreprocessConfig, load_dataset_name, load_section, read_params
-from imgclf.data.dataset import DATASETS, Split, channel_stats, load_raw, save_processed, stratified_split
+from imgclf.data.dataset import DATASETS, Split, channel_stats, save_processed, stratified_split
+from imgclf.data.raw import load_raw
 from imgclf.paths import PROCESSED_DIR, RAW_DIR
 
 log = logging.getLogger("preprocess")

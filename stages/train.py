@@ -3,8 +3,9 @@
 import _bootstrap  # noqa: F401  (puts this checkout's src/ first on sys.path)
 
 import argparse
+from pathlib import Path
 
-from imgclf import cli
+from imgclf import cli, distributed
 from imgclf.config import MlflowConfig, load_model, load_section, load_train, read_params
 from imgclf.paths import PROCESSED_DIR, ROOT, metrics_dir, model_dir
 from imgclf.training import train_model
@@ -15,11 +16,19 @@ def main() -> None:
     parser.add_argument("model", help="a key under `models` in params.yaml")
     name = parser.parse_args().model
     params = read_params()
+    cfg = load_train(name, params)  # validates models.<name> too
+    experiment = load_section("mlflow", MlflowConfig, params).experiment
+    if distributed.needs_launch(cfg.processes):
+        # train.processes > 1 (or torchrun's multi-node settings in the environment): rerun
+        # this script under torchrun, one process per shard. Bad params or a missing GPU fail
+        # here, once, rather than in every process.
+        distributed.launch(Path(__file__).resolve(), [name], cfg)
+        return
     train_model(
         name,
         arch=load_model(name, params),
-        cfg=load_train(name, params),
-        experiment=load_section("mlflow", MlflowConfig, params).experiment,
+        cfg=cfg,
+        experiment=experiment,
         processed_dir=PROCESSED_DIR,
         checkpoint_path=model_dir(name) / "model.pt",
         metrics_out=metrics_dir(name),

@@ -163,7 +163,8 @@ def tiny_project(base: Path, extra=None) -> Iterator[Project]:
     checksums = make_fashion_like(mirror)
     with serve_directory(mirror) as url:
         def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
+            params["download"].update(dataset="fashion_mnist", retries=0)
+            params["datasets"]["fashion_mnist"] = {"mirrors": [url], "files": checksums}
             params["train"].update(TINY["train"])
             params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
             if extra is not None:

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from imgclf.data.archive import safe_extract
+from imgclf.data.archive import read_members, safe_extract
 from imgclf.errors import DataError
 
 
@@ -34,15 +34,15 @@ def test_regular_archive_extracts(tmp_path):
     assert (dest / "cifar" / "test.bin").read_bytes() == b"payload"
 
 
-@pytest.mark.parametrize(
-    ("member", "reason"),
-    [
-        (("../escaped.bin", "file", None), "outside the destination"),
-        (("/tmp/absolute.bin", "file", None), "absolute"),
-        (("cifar/link", "symlink", "/etc/passwd"), "not a regular file"),
-        (("cifar/hard", "hardlink", "cifar/data.bin"), "not a regular file"),
-    ],
-)
+HOSTILE = [
+    (("../escaped.bin", "file", None), "outside the destination"),
+    (("/tmp/absolute.bin", "file", None), "absolute"),
+    (("cifar/link", "symlink", "/etc/passwd"), "not a regular file"),
+    (("cifar/hard", "hardlink", "cifar/data.bin"), "not a regular file"),
+]
+
+
+@pytest.mark.parametrize(("member", "reason"), HOSTILE)
 def test_hostile_member_refuses_the_whole_archive(tmp_path, member, reason):
     archive = _tar(tmp_path / "bad.tar.gz", [("cifar/data.bin", "file", None), member])
     dest = tmp_path / "out" / "inner"
@@ -60,3 +60,20 @@ def test_corrupt_archive_is_a_data_error(tmp_path):
     bad.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DataError, match="not a readable tar archive"):
         safe_extract(bad, tmp_path)
+
+
+def test_read_members_returns_the_wanted_files_without_writing(tmp_path):
+    archive = _tar(tmp_path / "ok.tar.gz", [("cifar/a.bin", "file", None), ("cifar/b.bin", "file", None)])
+    assert read_members(archive, ["cifar/b.bin"]) == {"cifar/b.bin": b"payload"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.tar.gz"]
+    with pytest.raises(DataError, match=r"no member 'cifar/c.bin' \(1 of the 2 expected files are missing\)"):
+        read_members(archive, ["cifar/a.bin", "cifar/c.bin"])
+
+
+@pytest.mark.parametrize(("member", "reason"), HOSTILE)
+def test_read_members_refuses_what_safe_extract_refuses(tmp_path, member, reason):
+    # Even when the hostile member is not one of the files asked for.
+    archive = _tar(tmp_path / "bad.tar.gz", [("cifar/data.bin", "file", None), member])
+    with pytest.raises(DataError, match=reason) as info:
+        read_members(archive, ["cifar/data.bin"])
+    assert "\n" not in str(info.value)

@@ -18,6 +18,9 @@ def params() -> dict:
 
 def test_shipped_params_are_valid(params):
     assert config.load_section("download", config.DownloadConfig, params).dataset == "fashion_mnist"
+    for name in config.DATASET_CHOICES:
+        assert config.load_source(name, params).mirrors
+    assert config.validate_all(params) == config.model_names(params)
     assert config.load_section("preprocess", config.PreprocessConfig, params).val_fraction == 0.1
     for name in config.model_names(params):
         assert config.load_train(name, params).epochs > 0
@@ -100,11 +103,74 @@ def test_missing_section_suggests_the_typo(params):
     assert "missing section 'evaluate'" in msg and "did you mean 'evalute'" in msg
 
 
-def test_empty_mirror_list_and_bad_checksum(params):
-    params["download"]["mirrors"] = []
-    assert _error(config.load_section, "download", config.DownloadConfig, params).startswith("download.mirrors: got []")
-    params["download"]["mirrors"] = ["ftp://example.org/"]
-    assert "must start with file://" in _error(config.load_section, "download", config.DownloadConfig, params)
+def test_empty_mirror_list_and_bad_scheme(params):
+    params["datasets"]["mnist"]["mirrors"] = []
+    assert _error(config.load_source, "mnist", params).startswith("datasets.mnist.mirrors: got []")
+    params["datasets"]["mnist"]["mirrors"] = ["ftp://example.org/"]
+    assert "must start with file://" in _error(config.load_source, "mnist", params)
+
+
+@pytest.mark.parametrize("checksum", ["md5:F68B3C2DCBEAAA9FBDD348BBDEB94873", "md5:f68b3c", "sha1:" + "0" * 40,
+                                      "0" * 63, "md5:" + "0" * 64])
+def test_bad_checksum_names_key_value_and_both_forms(params, checksum):
+    params["datasets"]["cifar10"]["files"]["cifar-10-binary.tar.gz"] = checksum
+    msg = _error(config.load_source, "cifar10", params)
+    assert msg.startswith(f"datasets.cifar10.files.cifar-10-binary.tar.gz: got {checksum!r}: ")
+    assert "64 lowercase hex digits" in msg and "md5:<32 lowercase hex digits>" in msg
+
+
+def test_both_checksum_forms_are_accepted(params):
+    files = config.load_source("fashion_mnist", params).files
+    assert all(len(c) == 64 for c in files.values())
+    assert config.load_source("cifar10", params).files == {"cifar-10-binary.tar.gz": "md5:c32a1d4ab5d03f1284b67883e8d87530"}
+
+
+@pytest.mark.parametrize(("name", "problem"), [("../x.gz", "is not a plain file name"),
+                                               (".hidden", "is not a plain file name")])
+def test_file_names_are_checked_in_params(params, name, problem):
+    params["datasets"]["mnist"]["files"][name] = "md5:" + "0" * 32
+    msg = _error(config.load_source, "mnist", params)
+    assert msg.startswith("datasets.mnist: files: ") and problem in msg
+
+
+def test_two_files_stored_under_one_name_are_refused(params):
+    params["datasets"]["mnist"]["files"]["t10k-labels-idx1-ubyte"] = "0" * 64
+    msg = _error(config.load_source, "mnist", params)
+    assert msg == ("datasets.mnist: files: 't10k-labels-idx1-ubyte.gz' and 't10k-labels-idx1-ubyte' would both "
+                   "be stored as 't10k-labels-idx1-ubyte'")
+
+
+def test_mirror_credentials_are_refused_and_masked(params):
+    params["datasets"]["mnist"]["mirrors"].append("https://deploy:" + "hunter2-pw" + "@example.org/mnist/")
+    msg = _error(config.load_source, "mnist", params)
+    assert msg == ("datasets.mnist: mirrors[2] 'https://***@example.org/mnist/' contains a user name or "
+                   "password; mirrors must not need credentials")
+
+
+def test_validate_all_checks_every_data_set_entry_not_only_the_chosen_one(params):
+    assert params["download"]["dataset"] == "fashion_mnist"
+    params["datasets"]["cifar10"]["files"]["cifar-10-binary.tar.gz"] = "c32a1d4ab5d03f1284b67883e8d87530"
+    assert _error(config.validate_all, params).startswith("datasets.cifar10.files.cifar-10-binary.tar.gz: got ")
+
+
+def test_validate_all_names_an_unknown_or_missing_data_set_entry(params):
+    params["datasets"]["cifar100"] = params["datasets"]["cifar10"]
+    assert _error(config.validate_all, params) == (
+        "datasets.cifar100: unknown data set; did you mean 'cifar10'? (known: fashion_mnist, mnist, cifar10)")
+    del params["datasets"]["cifar100"]
+    params["download"]["dataset"] = "mnist"
+    del params["datasets"]["mnist"]
+    assert _error(config.validate_all, params).startswith("params.yaml: missing section 'datasets.mnist'")
+
+
+def test_old_download_layout_points_to_datasets(params):
+    params["download"]["mirrors"] = ["https://example.org/"]
+    assert _error(config.load_section, "download", config.DownloadConfig, params) == (
+        "download: mirrors moved to datasets.<name>, one entry per data set (see docs/datasets.md)")
+    del params["download"]["mirrors"]
+    params["download"]["colour"] = "red"
+    assert _error(config.load_section, "download", config.DownloadConfig, params) == (
+        "download.colour: unknown key (allowed: dataset, retries, timeout_s)")
 
 
 def test_params_file_that_is_not_a_mapping(tmp_path):
@@ -117,4 +183,7 @@ def test_params_file_that_is_not_a_mapping(tmp_path):
 
 def test_unknown_dataset(params):
     params["download"]["dataset"] = "imagenet"
-    assert _error(config.load_dataset_name, params) == "download.dataset: got 'imagenet': must be one of 'fashion_mnist'"
+    assert _error(config.load_dataset_name, params) == (
+        "download.dataset: got 'imagenet': must be one of 'fashion_mnist', 'mnist', 'cifar10'")
+    assert _error(config.load_section, "download", config.DownloadConfig, params).startswith(
+        "download.dataset: got 'imagenet': ")

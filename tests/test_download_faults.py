@@ -271,7 +271,8 @@ def test_download_stage_fails_in_one_line_then_succeeds_from_a_good_mirror(good,
     source, checksums, good_url, _ = good
     with faulty_mirror(server_error, source) as (busy, _), faulty_mirror(dropped_mid_file, source) as (cut, _):
         def only_bad_mirrors(params):
-            params["download"].update(mirrors=[busy, cut], files=checksums, retries=1, timeout_s=10)
+            params["download"].update(retries=1, timeout_s=10)
+            params["datasets"]["fashion_mnist"] = {"mirrors": [busy, cut], "files": checksums}
 
         (tmp_path / "proj").mkdir()
         project = make_project(tmp_path / "proj", only_bad_mirrors)
@@ -285,6 +286,6 @@ def test_download_stage_fails_in_one_line_then_succeeds_from_a_good_mirror(good,
         assert not (data / "raw").exists()
         assert listing(data) == []  # no half-filled temporary directory either
 
-        set_params(project.path, lambda p: p["download"].update(mirrors=[busy, good_url]))
+        set_params(project.path, lambda p: p["datasets"]["fashion_mnist"].update(mirrors=[busy, good_url]))
         project.run("python", "stages/download.py")
     assert listing(data) == sorted(["raw", *(f"raw/{stored_name(n)}" for n in checksums)])

@@ -37,7 +37,8 @@ def project(tmp_path_factory):
     checksums = make_fashion_like(mirror, train_per_class=300)
     with serve_directory(mirror) as url:
         def tiny(params):
-            params["download"].update(mirrors=[url], files=checksums, retries=0)
+            params["download"].update(retries=0)
+            params["datasets"]["fashion_mnist"] = {"mirrors": [url], "files": checksums}
             params["train"].update(TRAIN)
             params["models"] = MODELS
             params["evaluate"].update(batch_size=500, top_misclassified=2)

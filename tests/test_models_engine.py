@@ -9,12 +9,16 @@ import torch.nn.functional as F
 
 from imgclf import checkpoint
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
-from imgclf.engine import Normalizer, augment, fit, make_loss, make_optimizer, make_schedule
+from imgclf.engine import Normalizer, augment, fit, make_loss, make_optimizer, make_schedule, resolve_device
 from imgclf.errors import DataError, TrainingError
 from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
+from imgclf.training import set_determinism
 
 MLP_CFG = MLPConfig(arch="mlp", hidden=[32, 16], dropout=0.1)
 CNN_CFG = CNNConfig(arch="cnn", channels=[4, 8], hidden=16, dropout=0.1)
+# The CPU always, and what `train.device: auto` picks when that is another (a GPU): the same
+# tests run on each, so the device path is the code path these tests prove.
+DEVICES = sorted({"cpu", resolve_device("auto").type})
 
 
 def _train_cfg(**kw):
@@ -97,30 +101,33 @@ def _data(n=64, seed=0):
     return x, y
 
 
-def _fit(cfg, model_cfg=CNN_CFG, improvements=None):
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll")
-    x, y = _data()
-    vx, vy = _data(32, seed=1)
-    norm = Normalizer.from_stats([0.2], [0.3])
+def _fit(cfg, model_cfg=CNN_CFG, improvements=None, device="cpu"):
+    # As the train stage does it: deterministic settings first, the data and the model on the device.
+    set_determinism(cfg.seed, torch.get_num_threads(), cfg.deterministic)
+    model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll").to(device)
+    x, y = (t.to(device) for t in _data())
+    vx, vy = (t.to(device) for t in _data(32, seed=1))
+    norm = Normalizer.from_stats([0.2], [0.3]).to(device)
     hist = fit(model, x, y, vx, vy, cfg=cfg, normalize=norm, precision="fp32",
                on_improve=lambda r: improvements.append(r.epoch) if improvements is not None else None)
     return model, hist
 
 
-def test_training_learns_and_saves_on_every_val_improvement():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_learns_and_saves_on_every_val_improvement(device):
     saved = []
-    model, hist = _fit(_train_cfg(epochs=6, augment=False), improvements=saved)
+    model, hist = _fit(_train_cfg(epochs=6, augment=False), improvements=saved, device=device)
     val_losses = [r.val["loss"] for r in hist]
     expected = [r.epoch for i, r in enumerate(hist) if r.val["loss"] < min(val_losses[:i], default=math.inf)]
     assert saved == expected and saved[0] == 1
     assert hist[-1].val["accuracy"] > 0.5  # 4 classes: chance is 0.25
 
 
-def test_same_seed_same_weights_bitwise():
-    a, _ = _fit(_train_cfg())
-    b, _ = _fit(_train_cfg())
-    c, _ = _fit(_train_cfg(seed=1))
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_weights_bitwise(device):
+    a, _ = _fit(_train_cfg(), device=device)
+    b, _ = _fit(_train_cfg(), device=device)
+    c, _ = _fit(_train_cfg(seed=1), device=device)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

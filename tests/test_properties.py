@@ -32,6 +32,8 @@ PROPERTY = settings(max_examples=80, deadline=None, report_multiple_bugs=False,
 REAL_PARAMS = config.read_params(ROOT / "params.yaml")
 SECTIONS: dict[str, type[config.Section]] = {
     "download": config.DownloadConfig,
+    "datasets.fashion_mnist": config.DatasetSourceConfig,
+    "datasets.cifar10": config.DatasetSourceConfig,
     "preprocess": config.PreprocessConfig,
     "train": config.TrainConfig,
     "evaluate": config.EvaluateConfig,
@@ -96,7 +98,8 @@ def check_every_loader(params: dict[Any, Any]) -> None:
     one-line ConfigError. Any other exception fails the test (and hypothesis shows why)."""
     calls: list[Callable[[], Any]] = [lambda key=key, model=model: config.load_section(key, model, params)
                                       for key, model in SECTIONS.items()]
-    calls += [lambda: config.load_dataset_name(params), lambda: config.model_names(params)]
+    calls += [lambda: config.load_dataset_name(params), lambda: config.model_names(params),
+              lambda: config.validate_all(params)]
     for name in {"mlp", "cnn", *(k for k in _model_keys(params) if isinstance(k, str))}:
         calls += [lambda name=name: config.load_model(name, params),
                   lambda name=name: config.load_train(name, params)]

@@ -125,6 +125,21 @@ def test_champion_registered_by_hand_is_judged_by_its_run_metric(store, name):
     assert registry.register(_run_with_model(store, 0.9), "cnn", name, 0.9).champion == "3"
 
 
+def test_champion_is_only_beaten_by_a_model_of_the_same_data_set(store, name, caplog):
+    first = registry.register(_run_with_model(store, 0.90), "cnn", name, 0.90, dataset="fashion_mnist")
+    assert first.champion == "1"
+    # 0.99 on MNIST is no better a Fashion-MNIST classifier: registered, not crowned.
+    with caplog.at_level(logging.INFO, logger="imgclf.registry"):
+        other = registry.register(_run_with_model(store, 0.99), "cnn", name, 0.99, dataset="mnist")
+    assert (other.version, other.champion, other.previous_dataset) == ("2", "1", "fashion_mnist")
+    assert "stays version 1, a fashion_mnist model: accuracies on different data sets do not compare" in caplog.text
+    from mlflow import MlflowClient
+
+    assert MlflowClient().get_model_version(name, "2").tags[registry.DATASET_TAG] == "mnist"
+    # The same data set still competes on accuracy.
+    assert registry.register(_run_with_model(store, 0.91), "cnn", name, 0.91, dataset="fashion_mnist").champion == "3"
+
+
 def test_run_without_logged_model_registers_nothing(store, name, caplog):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

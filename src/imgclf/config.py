@@ -8,11 +8,12 @@ reported as one line naming the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf.errors import ConfigError
 from imgclf.paths import PARAMS_FILE
@@ -27,15 +28,54 @@ PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+# Names become a URL path and a file name under data/raw: only plain names, so no entry in
+# params.yaml can write outside data/raw, fetch another resource, or hide as a dot-file.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# `scheme://user:password@`: urllib would not log in with it anyway (it would send it to the
+# DNS resolver as part of a host name), and secrets do not belong in git-tracked params.yaml.
+USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+CHECKSUM = re.compile(r"[0-9a-f]{64}|md5:[0-9a-f]{32}")
+
+
+def _checksum(value: str) -> str:
+    if not CHECKSUM.fullmatch(value):
+        raise ValueError("must be 64 lowercase hex digits (SHA-256 of the decompressed content) "
+                         "or md5:<32 lowercase hex digits> (MD5 of the file as served)")
+    return value
+
+
+# A bare SHA-256 is of the decompressed content, so it survives a mirror's re-compression;
+# `md5:` is of the bytes as served, for archives whose only published checksum is that one.
+Checksum = Annotated[str, AfterValidator(_checksum)]
 
 
 class DownloadConfig(Section):
-    dataset: Literal["fashion_mnist"]
-    mirrors: Annotated[list[str], Field(min_length=1)]
-    files: Annotated[dict[str, Sha256], Field(min_length=1)]
+    # Each name has an entry under `datasets` (where to fetch it) and a DatasetSpec in
+    # imgclf.data.dataset (how to read it).
+    dataset: Literal["fashion_mnist", "mnist", "cifar10"]
     timeout_s: PosFloat = 30.0
     retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        # params.yaml files (and `-S download.mirrors=...` habits) from before per-data-set sources.
+        moved = [key for key in ("mirrors", "files") if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ValueError(f"{' and '.join(moved)} moved to datasets.<name>, one entry per data set "
+                             "(see docs/datasets.md)")
+        return raw
+
+
+DATASET_CHOICES: tuple[str, ...] = get_args(DownloadConfig.model_fields["dataset"].annotation)
+
+
+class DatasetSourceConfig(Section):
+    """`datasets.<name>`: where one data set's files come from and what they must hash to."""
+
+    mirrors: Annotated[list[str], Field(min_length=1)]
+    files: Annotated[dict[str, Checksum], Field(min_length=1)]
 
     @field_validator("mirrors")
     @classmethod
@@ -44,6 +84,27 @@ class DownloadConfig(Section):
             if not url.startswith(("file://", "http://", "https://")):
                 raise ValueError(f"mirror {url!r} must start with file://, http:// or https://")
         return mirrors
+
+    @model_validator(mode="after")
+    def _plain_names_no_credentials(self) -> DatasetSourceConfig:
+        # Raised here rather than per field so the message, not a `got <value>` echo of the
+        # whole list, is what is shown: a password must never reach a log.
+        for i, url in enumerate(self.mirrors):
+            if USERINFO.match(url):
+                masked = USERINFO.sub(r"\1***@", url)
+                raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
+                                 "mirrors must not need credentials")
+        stored: dict[str, str] = {}
+        for name in self.files:
+            if not PLAIN_NAME.fullmatch(name):
+                raise ValueError(f"files: {name!r} is not a plain file name "
+                                 "(letters, digits, '.', '_', '+', '-'; no directories)")
+            # x.gz is stored decompressed as x (see imgclf.data.download.stored_name).
+            plain = name.removesuffix(".gz")
+            if plain in stored:
+                raise ValueError(f"files: {stored[plain]!r} and {name!r} would both be stored as {plain!r}")
+            stored[plain] = name
+        return self
 
 
 class PreprocessConfig(Section):
@@ -181,6 +242,11 @@ def _section(params: dict[str, Any], key: str, source: str) -> Any:
     return node
 
 
+def _shown(key: Any) -> str:
+    """A key as typed, unless it holds a line break or other unprintable character."""
+    return str(key) if str(key).isprintable() else repr(str(key))
+
+
 def _closest(word: str, options: list[str]) -> str:
     match = difflib.get_close_matches(word, options, n=1)
     return f"; did you mean {match[0]!r}?" if match else ""
@@ -232,13 +298,13 @@ def load_model(name: str, params: dict[str, Any] | None = None) -> MLPConfig | C
     params = read_params() if params is None else params
     raw = _section(params, f"models.{name}", PARAMS_FILE.name)
     if not isinstance(raw, dict):
-        raise ConfigError(f"models.{name}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"models.{_shown(name)}: expected a mapping, got {raw!r}")
     if raw.get("arch") not in ("mlp", "cnn"):
-        raise ConfigError(f"models.{name}.arch: got {raw.get('arch')!r}: must be one of 'mlp', 'cnn'")
+        raise ConfigError(f"models.{_shown(name)}.arch: got {raw.get('arch')!r}: must be one of 'mlp', 'cnn'")
     try:
         return _ModelHolder.model_validate({"model": raw}).model
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, f"models.{name}", _ModelHolder, {"model": raw})) from None
+        raise ConfigError(_format_error(exc, f"models.{_shown(name)}", _ModelHolder, {"model": raw})) from None
 
 
 def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
@@ -255,7 +321,7 @@ def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
     except ValidationError as exc:
         loc = exc.errors()[0]["loc"]
         if loc and str(loc[0]) in model.train:
-            prefix = f"models.{name}.train"
+            prefix = f"models.{_shown(name)}.train"
         raise ConfigError(_format_error(exc, prefix, TrainConfig, merged)) from None
 
 
@@ -263,10 +329,28 @@ def load_dataset_name(params: dict[str, Any] | None = None) -> str:
     """`download.dataset` alone, for stages that read only which data set it is."""
     params = read_params() if params is None else params
     name = _section(params, "download.dataset", PARAMS_FILE.name)
-    allowed = DownloadConfig.model_fields["dataset"].annotation.__args__
-    if name not in allowed:
-        raise ConfigError(f"download.dataset: got {name!r}: must be one of {', '.join(map(repr, allowed))}")
+    if not isinstance(name, str) or name not in DATASET_CHOICES:
+        raise ConfigError(f"download.dataset: got {name!r}: must be one of {', '.join(map(repr, DATASET_CHOICES))}")
     return name
+
+
+def load_source(name: str, params: dict[str, Any] | None = None) -> DatasetSourceConfig:
+    """`datasets.<name>`: the mirrors and checksums of one data set."""
+    return load_section(f"datasets.{name}", DatasetSourceConfig, params)
+
+
+def _validate_sources(params: dict[str, Any], chosen: str) -> None:
+    # The chosen data set's entry first (its error is the one that stops this run), then the
+    # others, so a typo in an entry not used today still fails now rather than on the switch.
+    load_source(chosen, params)
+    sources = params["datasets"]
+    for name in sources:
+        if name not in DATASET_CHOICES:
+            shown = str(name) if str(name).isprintable() else repr(str(name))
+            raise ConfigError(f"datasets.{shown}: unknown data set{_closest(str(name), list(DATASET_CHOICES))} "
+                              f"(known: {', '.join(DATASET_CHOICES)})")
+        if name != chosen:
+            load_source(name, params)
 
 
 def model_names(params: dict[str, Any] | None = None) -> list[str]:
@@ -275,13 +359,19 @@ def model_names(params: dict[str, Any] | None = None) -> list[str]:
     models = _section(params, "models", PARAMS_FILE.name)
     if not isinstance(models, dict) or not models:
         raise ConfigError("models: expected a non-empty mapping of model name -> architecture")
+    for name in models:
+        # A name becomes DVC stage names (train@<name>) and folders (models/<name>/).
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name)):
+            raise ConfigError(f"models.{_shown(name)}: not a usable model name (letters, digits, '_' and '-', "
+                              "starting with a letter or digit: it names stages and folders)")
     return list(models)
 
 
 def validate_all(params: dict[str, Any] | None = None) -> list[str]:
     """Validate every section at once; return the model names. Raises the first ConfigError."""
     params = read_params() if params is None else params
-    load_section("download", DownloadConfig, params)
+    download = load_section("download", DownloadConfig, params)
+    _validate_sources(params, download.dataset)
     load_section("preprocess", PreprocessConfig, params)
     names = model_names(params)
     for name in names:
@@ -289,8 +379,9 @@ def validate_all(params: dict[str, Any] | None = None) -> list[str]:
     load_section("evaluate", EvaluateConfig, params)
     load_section("report", ReportConfig, params)
     load_section("mlflow", MlflowConfig, params)
-    unknown = sorted(set(params) - {"download", "preprocess", "train", "models", "evaluate", "report", "mlflow"})
+    sections = ("download", "datasets", "preprocess", "train", "models", "evaluate", "report", "mlflow")
+    unknown = sorted(set(map(str, params)) - set(sections))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (allowed: download, preprocess, train, models, "
-                          "evaluate, report, mlflow)")
+        raise ConfigError(f"{_shown(unknown[0])}: unknown section{_closest(unknown[0], list(sections))} "
+                          f"(allowed: {', '.join(sections)})")
     return names

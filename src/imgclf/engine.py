@@ -4,6 +4,12 @@ The whole split stays one uint8 tensor; each batch is indexed, augmented, normal
 converted to float in a few vectorized ops. That avoids the per-image Python work of a
 classic Dataset + ToTensor + Normalize pipeline, which dominates CPU training time on
 28x28 images. `train_one_epoch` and `evaluate` return plain metric dicts.
+
+On a GPU the splits are moved to the device once and batches are gathered there. Every random
+draw (the epoch's order, each image's shift and flip) still comes from one CPU generator, so
+the CPU and the GPU, and one process or several, see the same batches and the same
+augmentation. Under data-parallel training each process takes its `Shard` of every global
+batch (see imgclf.distributed).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,23 +61,68 @@ def pick_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def bf16_supported() -> bool:
+def resolve_device(requested: str, index: int = 0) -> torch.device:
+    """`train.device` as a torch device: 'auto' is CUDA (GPU `index`) when PyTorch sees one, else
+    the CPU; 'cuda' without a GPU is a ConfigError rather than a silent fall-back."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", index)
+    if requested == "cuda":
+        why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+               else "PyTorch sees no CUDA GPU on this machine")
+        raise ConfigError(f"train.device: got 'cuda': {why}; use 'auto' (CUDA when present, else CPU) or 'cpu'")
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """'cpu' or e.g. 'cuda:0 (NVIDIA H100 80GB HBM3)', for timing.json and MLflow."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(precision: str) -> str:
-    """'fp32' or 'bf16'; 'auto' picks bf16 where the CPU computes it natively."""
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """'fp32' or 'bf16'; 'auto' picks bf16 where the device computes it natively (CPUs with
+    AVX512-BF16/AMX, GPUs from Ampere on)."""
     if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    if precision == "bf16" and not bf16_supported():
-        raise ConfigError("train.precision: got 'bf16': this CPU has no native bf16 support; use 'fp32' or 'auto'")
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        what = "GPU" if torch.device(device).type == "cuda" else "CPU"
+        raise ConfigError(f"train.precision: got 'bf16': this {what} has no native bf16 support; use 'fp32' or 'auto'")
     return precision
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of every global batch this process trains on: process `rank` of `world_size`.
+
+    Every process draws the same global order and augmentation, and takes a contiguous slice
+    of each global batch; DDP then combines the gradients. So N processes step through exactly
+    the batches one process would, each batch split N ways.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def part(self, n: int) -> slice:
+        """This process's slice of a global batch of `n` images (sizes differ by at most one,
+        e.g. in a short last batch)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
 @dataclass(frozen=True)
@@ -97,9 +149,48 @@ class Normalizer:
     def from_stats(cls, mean: list[float], std: list[float]) -> Normalizer:
         return cls(torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
 
+    def to(self, device: torch.device | str) -> Normalizer:
+        return Normalizer(self.mean.to(device), self.std.to(device))
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.float().div_(255.0) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Per-image augmentation parameters: offsets into the padded image, and whether to flip."""
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flips: torch.Tensor
+
+    def __getitem__(self, part: slice) -> Moves:
+        return Moves(self.dy[part], self.dx[part], self.flips[part])
+
+
+def draw_moves(n: int, generator: torch.Generator, shift: int = 2, flip: bool = True) -> Moves:
+    """Random moves for `n` images, drawn on the CPU generator whatever device trains."""
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    # Drawn even when unused, so the random stream (and the shifts) do not depend on `flip`.
+    flips = (torch.rand(n, generator=generator) < 0.5) & flip
+    return Moves(dy, dx, flips)
+
+
+def apply_moves(pixels: torch.Tensor, moves: Moves, shift: int = 2) -> torch.Tensor:
+    """Translate each image (a padded crop at its offsets) and flip those marked, on the
+    images' own device."""
+    device = pixels.device
+    n, _, h, w = pixels.shape
+    padded = F.pad(pixels, (shift, shift, shift, shift))
+    dy, dx, flips = moves.dy.to(device), moves.dx.to(device), moves.flips.to(device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+    cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    chans = torch.arange(pixels.shape[1], device=device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: bool = True) -> torch.Tensor:
@@ -110,18 +201,7 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, shift: int = 2, fl
     set of parameters per call). Labels are unchanged: both moves keep the class (which is
     why digits are never flipped: the data set decides, see `DatasetSpec`).
     """
-    n, _, h, w = pixels.shape
-    padded = F.pad(pixels, (shift, shift, shift, shift))
-    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    # Drawn even when unused, so the random stream (and the shifts) do not depend on `flip`.
-    flips = (torch.rand(n, generator=generator) < 0.5) & flip
-    cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
-    batch = torch.arange(n)[:, None, None, None]
-    chans = torch.arange(pixels.shape[1])[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    return apply_moves(pixels, draw_moves(len(pixels), generator, shift, flip), shift)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -159,37 +239,61 @@ def train_one_epoch(
     precision: str,
     epoch: int,
     augmentation: Augmentation | None = None,
+    shard: Shard = Shard(),
 ) -> dict[str, float]:
+    """One pass over the training split in global batches of `batch_size`; under data-parallel
+    training `model` is the DDP wrapper and this process trains on its `shard` of each batch.
+    Returned loss and accuracy are over the whole split (all processes)."""
     model.train()
     start = time.perf_counter()
+    device = images.device
+    policy = augmentation or Augmentation()
     order = torch.randperm(len(labels), generator=generator)
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, correct predictions
     for step, first in enumerate(range(0, len(order), batch_size)):
         idx = order[first : first + batch_size]
-        pixels = images[idx]
-        if do_augment:
-            policy = augmentation or Augmentation()
-            pixels = augment(pixels, generator, shift=policy.shift, flip=policy.flip)
-        x, y = normalize(pixels), labels[idx]
-        with autocast(precision):
+        # Drawn for the whole global batch, so the random stream does not depend on the shard.
+        moves = draw_moves(len(idx), generator, policy.shift, policy.flip) if do_augment else None
+        part = shard.part(len(idx))
+        local = idx[part].to(device)
+        pixels = images[local]
+        if moves is not None:
+            pixels = apply_moves(pixels, moves[part], policy.shift)
+        x, y = normalize(pixels), labels[local]
+        with autocast(precision, device.type):
             out = model(x)
             loss = loss_fn(out.float(), y)
-        if not math.isfinite(loss.item()):
+        if len(y):
+            summed = loss.detach().double() * len(y)
+        else:  # a last global batch smaller than the process count leaves some shards empty
+            summed = torch.zeros((), dtype=torch.float64, device=device)
+        batch = torch.stack([summed, (out.argmax(dim=1) == y).sum().double()])
+        if shard.world_size > 1:
+            # The whole batch's loss on every process: all stop together on a non-finite loss.
+            dist.all_reduce(batch)
+            value = (batch[0] / len(idx)).item()
+        else:
+            value = loss.item()
+        if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
             raise TrainingError(
-                f"loss became {loss.item()} at epoch {epoch}, batch {step + 1} (lr {lr:.4g}); "
+                f"loss became {value} at epoch {epoch}, batch {step + 1} (lr {lr:.4g}); "
                 "lower train.lr or check the data; no model was saved from this epoch"
             )
+        if shard.world_size > 1:
+            # DDP averages the processes' gradients; weighting each shard's mean loss by its share
+            # of the batch makes that average the gradient of the whole batch's mean loss, also
+            # when shards differ in size (an empty one contributes zero, but still takes part).
+            loss = loss * (len(y) * shard.world_size / len(idx)) if len(y) else out.sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += loss.detach().double() * len(y)
-        correct += int((out.argmax(dim=1) == y).sum())
+        totals += batch
     seconds = time.perf_counter() - start
     n = len(labels)
-    return {"loss": float(total_loss) / n, "accuracy": correct / n, "seconds": seconds, "images_per_s": n / seconds}
+    total_loss, correct = totals.tolist()
+    return {"loss": total_loss / n, "accuracy": correct / n, "seconds": seconds, "images_per_s": n / seconds}
 
 
 @torch.inference_mode()
@@ -200,9 +304,9 @@ def predict(
     model.eval()
     outs = []
     for first in range(0, len(images), batch_size):
-        with autocast(precision):
+        with autocast(precision, images.device.type):
             outs.append(model(normalize(images[first : first + batch_size])).float())
-    return torch.cat(outs) if outs else torch.empty(0)
+    return torch.cat(outs) if outs else torch.empty(0, device=images.device)
 
 
 def evaluate(
@@ -242,9 +346,19 @@ def fit(
     augmentation: Augmentation | None = None,
     on_improve: Callable[[EpochRecord], None],
     on_epoch: Callable[[EpochRecord], None] = lambda record: None,
+    shard: Shard = Shard(),
+    train_module: nn.Module | None = None,
+    validate: bool = True,
 ) -> list[EpochRecord]:
-    """Train for cfg.epochs; after each epoch validate, and call on_improve when val loss drops."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    """Train for cfg.epochs; after each epoch validate, and call on_improve when val loss drops.
+
+    Data and `model` live on one device. Under data-parallel training, `train_module` is the
+    DDP wrapper of `model` (the steps go through it, so gradients are combined) and `shard`
+    says which part of each batch this process takes; only the process that writes outputs
+    validates (`validate=False` elsewhere: its records carry no val metrics and no callbacks
+    run).
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)  # CPU, whatever the device: see module doc
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_labels) / cfg.batch_size)
     scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps_per_epoch)
@@ -255,11 +369,15 @@ def fit(
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_metrics = train_one_epoch(
-            model, train_images, train_labels, optimizer=optimizer, scheduler=scheduler,
+            train_module or model, train_images, train_labels, optimizer=optimizer, scheduler=scheduler,
             loss_fn=train_loss, normalize=normalize, batch_size=cfg.batch_size,
             generator=generator, do_augment=cfg.augment, precision=precision, epoch=epoch,
-            augmentation=augmentation,
+            augmentation=augmentation, shard=shard,
         )
+        if not validate:
+            history.append(EpochRecord(epoch, lr, train_metrics, {}, False))
+            continue
+        # The plain module, not the DDP wrapper: validation runs in this process alone.
         val_metrics = evaluate(
             model, val_images, val_labels, loss_fn=val_loss_fn, normalize=normalize,
             batch_size=cfg.eval_batch_size, precision=precision,

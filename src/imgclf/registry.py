@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
 MODEL_KEY_TAG = "model_key"
+DATASET_TAG = "dataset"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Registration:
     previous_champion: str | None
     previous_accuracy: float | None
     reused: bool  # this logged model was already a version (evaluate ran again on the same model)
+    dataset: str | None = None
+    previous_dataset: str | None = None
 
     @property
     def promoted(self) -> bool:
@@ -82,6 +85,14 @@ def version_accuracy(client: MlflowClient, version: ModelVersion) -> float | Non
     return accuracy
 
 
+def version_dataset(client: MlflowClient, version: ModelVersion) -> str | None:
+    """The data set a version was trained and tested on: its tag, else its run's `data.dataset`."""
+    dataset = version.tags.get(DATASET_TAG)
+    if dataset is None and version.run_id:
+        dataset = client.get_run(version.run_id).data.params.get("data.dataset")
+    return dataset
+
+
 def _existing_version(client: MlflowClient, name: str, run_id: str, model_id: str) -> ModelVersion | None:
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         # Some stores leave ModelVersion.model_id empty; the source URI names the model too.
@@ -103,12 +114,13 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def register(run_id: str, model_key: str, name: str, test_accuracy: float,
-             client: MlflowClient | None = None) -> Registration | None:
+             client: MlflowClient | None = None, dataset: str | None = None) -> Registration | None:
     """Register the run's logged model as a version of `name` and crown it if it is better.
 
     The alias moves only on a strictly higher test accuracy than the current champion's, so a
-    tie keeps the version that got there first. Returns None (with a warning) when the run has
-    no logged model to register.
+    tie keeps the version that got there first, and only between models of the same data set:
+    97% on MNIST does not beat 92% on Fashion-MNIST, it answers another question. Returns None
+    (with a warning) when the run has no logged model to register.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -121,6 +133,8 @@ def register(run_id: str, model_key: str, name: str, test_accuracy: float,
             return None
         _ensure_registered_model(client, name)
         tags = {ACCURACY_TAG: repr(float(test_accuracy)), MODEL_KEY_TAG: model_key}
+        if dataset is not None:
+            tags[DATASET_TAG] = dataset
         version = _existing_version(client, name, run_id, model_id)
         reused = version is not None
         if version is None:
@@ -132,10 +146,14 @@ def register(run_id: str, model_key: str, name: str, test_accuracy: float,
         aliases = client.get_registered_model(name).aliases
         # Stores disagree on whether an alias maps to an int or a str version: use str.
         previous = str(aliases[CHAMPION]) if CHAMPION in aliases else None
-        previous_accuracy = None
+        previous_accuracy = previous_dataset = None
         if previous is not None:
-            previous_accuracy = version_accuracy(client, client.get_model_version(name, previous))
-        better = previous is None or (previous_accuracy is not None and test_accuracy > previous_accuracy)
+            champion = client.get_model_version(name, previous)
+            previous_accuracy = version_accuracy(client, champion)
+            previous_dataset = version_dataset(client, champion)
+        comparable = previous_dataset is None or dataset is None or previous_dataset == dataset
+        better = previous is None or (comparable and previous_accuracy is not None
+                                      and test_accuracy > previous_accuracy)
         if better and previous != str(version.version):
             client.set_registered_model_alias(name, CHAMPION, version.version)
     except MlflowException as exc:
@@ -143,7 +161,7 @@ def register(run_id: str, model_key: str, name: str, test_accuracy: float,
     result = Registration(
         name=name, version=str(version.version), test_accuracy=float(test_accuracy),
         champion=str(version.version) if better else str(previous), previous_champion=previous,
-        previous_accuracy=previous_accuracy, reused=reused,
+        previous_accuracy=previous_accuracy, reused=reused, dataset=dataset, previous_dataset=previous_dataset,
     )
     log.info("%s", describe(model_key, result))
     return result
@@ -157,6 +175,10 @@ def describe(model_key: str, r: Registration) -> str:
         return f"{head}; it is the first {CHAMPION}"
     if r.champion == r.version and not r.promoted:
         return f"{head}; it stays {CHAMPION}"
+    if r.previous_dataset and r.dataset and r.previous_dataset != r.dataset and r.champion != r.version:
+        return (f"{head}; {CHAMPION} stays version {r.previous_champion}, a {r.previous_dataset} model: "
+                f"accuracies on different data sets do not compare (give {r.dataset} its own "
+                "mlflow.registered_name)")
     if r.previous_accuracy is None:
         return (f"{head}; {CHAMPION} stays version {r.previous_champion}, whose test accuracy is unknown "
                 f"(move the alias by hand if this one should replace it)")

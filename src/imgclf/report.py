@@ -39,7 +39,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "confusion.json": {"classes": list, "counts": list},
     "misclassified.json": {},
 }
-DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST"}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 
 @dataclass(frozen=True)

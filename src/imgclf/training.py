@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from imgclf import checkpoint, tracking
+from imgclf import checkpoint, distributed, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import Augmentation, EpochRecord, Normalizer, fit, pick_threads, resolve_precision
+from imgclf.engine import Augmentation, EpochRecord, Normalizer, describe_device, fit, resolve_precision
 from imgclf.models import Classifier, build_model, count_parameters
 from imgclf.schema import HISTORY_COLUMNS
 
 log = logging.getLogger(__name__)
 
-def set_determinism(seed: int, threads: int) -> None:
-    """Same seed, params, code, data and thread count -> the same bytes out."""
+
+def deterministic_cuda_env() -> None:
+    # cuBLAS reads this when it creates its first handle: without it some CUDA matmuls give
+    # run-to-run different sums, and use_deterministic_algorithms raises on them. So it is set
+    # before any CUDA work; a value the user set (e.g. :16:8, less memory) is kept.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def set_determinism(seed: int, threads: int, deterministic: bool = True) -> None:
+    """With `deterministic`: same seed, params, code, data, thread count and device -> the same
+    bytes out. Without it, cuDNN may pick its fastest kernels by timing them (cudnn.benchmark),
+    which varies run to run; the CPU path computes the same either way."""
+    if deterministic:
+        deterministic_cuda_env()
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def history_csv(history: list[EpochRecord]) -> str:
@@ -49,21 +65,65 @@ def train_model(
     metrics_out: Path,
     src_dir: Path,
 ) -> None:
-    precision = resolve_precision(cfg.precision)
-    threads = pick_threads(cfg.threads)
+    """Train one model, in this process or as one process of a torchrun job (imgclf.distributed).
+    Only the writing process validates, saves the checkpoint and metrics, and logs to MLflow."""
+    if cfg.deterministic:
+        deterministic_cuda_env()
+    with distributed.session(cfg) as ctx:
+        _train(name, ctx, arch=arch, cfg=cfg, experiment=experiment, processed_dir=processed_dir,
+               checkpoint_path=checkpoint_path, metrics_out=metrics_out, src_dir=src_dir)
+
+
+def _train(
+    name: str,
+    ctx: distributed.Context,
+    *,
+    arch: MLPConfig | CNNConfig,
+    cfg: TrainConfig,
+    experiment: str,
+    processed_dir: Path,
+    checkpoint_path: Path,
+    metrics_out: Path,
+    src_dir: Path,
+) -> None:
+    device = ctx.device
+    precision = resolve_precision(cfg.precision, device)
+    threads = ctx.threads(cfg.threads)
     meta = load_meta(processed_dir)
     train = load_split(processed_dir, "train", meta)
     val = load_split(processed_dir, "val", meta)
-    experiment_id = tracking.setup(experiment)  # fails now, not after an hour of training
+    distributed.check_same_inputs(
+        ctx, params=[cfg.model_dump_json().encode(), arch.model_dump_json().encode()],
+        data=[json.dumps(meta, sort_keys=True).encode(), train.images, train.labels, val.images, val.labels],
+    )
+    # The writer alone opens MLflow (other processes must not even create a run); it fails
+    # now, not after an hour of training.
+    experiment_id = tracking.setup(experiment) if ctx.is_writer else ""
 
-    set_determinism(cfg.seed, threads)
+    set_determinism(cfg.seed, threads, cfg.deterministic)
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
-    model = model.to(memory_format=torch.channels_last)
+    # channels_last: faster convolutions with oneDNN on CPUs and with tensor cores on GPUs.
+    model = model.to(device, memory_format=torch.channels_last)
+    if ctx.rank > 0:
+        # Same initial weights everywhere (DDP also broadcasts rank 0's), but each process its
+        # own dropout masks; rank 0 keeps the single-process stream.
+        torch.manual_seed(cfg.seed + ctx.rank)
+    net = distributed.wrap(model, ctx)
     n_params = count_parameters(model)
-    log.info("%s: %s, %d parameters, %d threads, %s", name, arch.arch.upper(), n_params, threads, precision)
-    normalize = Normalizer.from_stats(meta["mean"], meta["std"])
-    train_x, train_y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-    val_x, val_y = torch.from_numpy(val.images), torch.from_numpy(val.labels)
+    normalize = Normalizer.from_stats(meta["mean"], meta["std"]).to(device)
+    # Each split is moved to the device once; batches are gathered there (imgclf.engine).
+    train_x, train_y = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
+    val_x, val_y = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
+    augmentation = Augmentation.from_meta(meta)
+    if not ctx.is_writer:
+        fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize, precision=precision,
+            augmentation=augmentation, on_improve=lambda record: None, shard=ctx.shard, train_module=net,
+            validate=False)
+        return
+    per_process = cfg.batch_size // ctx.world_size
+    log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step",
+             name, arch.arch.upper(), n_params, describe_device(device), precision, threads, ctx.world_size,
+             per_process)
 
     import mlflow
 
@@ -92,11 +152,15 @@ def train_model(
             **tracking.flatten("model", arch.model_dump(exclude={"train"})),
             **tracking.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}),
             "model.parameters": n_params, "train.threads_used": threads, "train.precision_used": precision,
+            "train.device_used": describe_device(device),
+            # batch_size is the global batch: world_size processes x batch_per_process images.
+            "train.world_size": ctx.world_size, "train.batch_per_process": per_process,
+            "train.effective_batch": cfg.batch_size,
         })
         started = time.perf_counter()
         history = fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize,
-                      precision=precision, augmentation=Augmentation.from_meta(meta),
-                      on_improve=save_best, on_epoch=log_epoch)
+                      precision=precision, augmentation=augmentation,
+                      on_improve=save_best, on_epoch=log_epoch, shard=ctx.shard, train_module=net)
         train_seconds = time.perf_counter() - started
         record = best["record"]
         summary = {
@@ -114,6 +178,8 @@ def train_model(
             "images_per_s": round(len(train_y) * len(history) / sum(epoch_seconds), 1),
             "threads": threads,
             "precision": precision,
+            "device": describe_device(device),
+            "processes": ctx.world_size,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,
         }

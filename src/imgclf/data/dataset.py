@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from imgclf.atomic import write_json
-from imgclf.data import idx
 from imgclf.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -23,28 +22,28 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class DatasetSpec:
     classes: tuple[str, ...]
-    train_images: str
-    train_labels: str
-    test_images: str
-    test_labels: str
-    # `train.augment` for this data set: random shifts of up to `augment_shift` pixels, and
-    # horizontal flips only where a mirrored image keeps its class (clothes yes, digits no).
+    # How data/raw holds it (imgclf.data.raw reads both): "idx", the four IDX files of the
+    # MNIST family; "cifar", CIFAR-10's binary tarball.
+    format: Literal["idx", "cifar"]
+    # `train.augment` for this data set: random shifts of up to `augment_shift` pixels (a
+    # zero-padded random crop), and horizontal flips only where a mirrored image keeps its
+    # class (clothes and CIFAR's objects yes, digits no).
     augment_shift: int = 2
     augment_flip: bool = True
 
 
-_IDX_FILES = dict(
-    train_images="train-images-idx3-ubyte",
-    train_labels="train-labels-idx1-ubyte",
-    test_images="t10k-images-idx3-ubyte",
-    test_labels="t10k-labels-idx1-ubyte",
-)
-
+# The keys are the values `download.dataset` allows (tests/test_more_datasets.py checks both agree).
 DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
         classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        **_IDX_FILES,
+        format="idx",
+    ),
+    "mnist": DatasetSpec(classes=tuple("0123456789"), format="idx", augment_shift=2, augment_flip=False),
+    # The pad-4 random crop and horizontal flip of the standard CIFAR-10 recipe (He et al. 2016).
+    "cifar10": DatasetSpec(
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        format="cifar", augment_shift=4, augment_flip=True,
     ),
 }
 
@@ -55,24 +54,7 @@ class Split:
     labels: np.ndarray  # int64, (N,)
 
 
-def load_raw(raw_dir: Path, dataset: str) -> tuple[Split, Split, tuple[str, ...]]:
-    """Official train and test splits from data/raw, checked for shape and label range."""
-    spec = DATASETS[dataset]
-    out = []
-    for images_name, labels_name in ((spec.train_images, spec.train_labels), (spec.test_images, spec.test_labels)):
-        images = idx.read(raw_dir / images_name)
-        labels = idx.read(raw_dir / labels_name)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(
-                f"{raw_dir / images_name}: expected N images of HxW and N labels, "
-                f"got images {images.shape} and labels {labels.shape}"
-            )
-        _check_labels(labels, len(spec.classes), str(raw_dir / labels_name))
-        out.append(Split(images[:, None, :, :], labels.astype(np.int64)))
-    return out[0], out[1], spec.classes
-
-
-def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
+def check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
     bad = int(np.count_nonzero((labels < 0) | (labels >= n_classes)))
     if bad:
         raise DataError(f"{where}: {bad} labels outside 0..{n_classes - 1}")
@@ -149,5 +131,5 @@ def load_split(processed_dir: Path, name: str, meta: dict[str, Any]) -> Split:
                         f"got {images.dtype} {images.shape}")
     if labels.dtype != np.int64 or labels.shape != (len(images),):
         raise DataError(f"{name}_labels.npy: expected int64 ({len(images)},), got {labels.dtype} {labels.shape}")
-    _check_labels(labels, len(meta["classes"]), f"{name}_labels.npy")
+    check_labels(labels, len(meta["classes"]), f"{name}_labels.npy")
     return Split(images, labels)

@@ -1,8 +1,11 @@
 """Fetch data files from an ordered list of mirrors and verify their content.
 
-Checksums are SHA-256 of the *decompressed* bytes: mirrors may re-compress (Debian's copy of
-Fashion-MNIST has different gzip headers from upstream) but must serve the same content.
-Files are stored decompressed, so the data version DVC records does not depend on the mirror.
+A bare checksum is the SHA-256 of the *decompressed* bytes: mirrors may re-compress (Debian's
+copy of Fashion-MNIST has different gzip headers from upstream) but must serve the same
+content. `md5:<hex>` is the MD5 of the file exactly as served, for archives whose publishers
+give only that (torchvision's MNIST list, CIFAR-10's page). Files are stored decompressed
+(`x.gz` as `x`) either way, so the data version DVC records does not depend on the mirror's
+gzip framing.
 
 Every failure is sorted into one of two kinds: transient (the network or a busy server; the
 same mirror is tried again after an exponentially growing pause) and permanent (the mirror
@@ -27,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from imgclf.atomic import atomic_path
+from imgclf.config import CHECKSUM, PLAIN_NAME, USERINFO
 from imgclf.errors import ConfigError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -36,15 +40,11 @@ _USER_AGENT = "imgclf-download/1 (+https://dvc.org)"
 
 # Pause before the first retry on one mirror, doubled for each further retry (tests shrink it).
 BACKOFF_BASE_S = 0.5
-# Far above any file of these data sets (47 MB decompressed): a mirror that streams more (an
-# endless response, a gzip bomb) is refused before it can fill the disk. Checked both for the
-# bytes received and for the bytes they decompress to.
+# Far above any file of these data sets (CIFAR-10's tar is 185 MB decompressed): a mirror that
+# streams more (an endless response, a gzip bomb) is refused before it can fill the disk.
+# Checked both for the bytes received and for the bytes they decompress to.
 MAX_BYTES = 1 << 30
-
-# Names become a URL path and a file name under data/raw: only plain names, so no entry in
-# params.yaml can write outside data/raw, fetch another resource, or hide as a dot-file.
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+_MD5 = "md5:"
 
 
 class _Transient(Exception):
@@ -61,24 +61,29 @@ def stored_name(name: str) -> str:
 
 
 def fetch_all(files: dict[str, str], mirrors: list[str], dest: Path, *, timeout_s: float, retries: int) -> None:
-    """Fetch and verify every file (name -> content SHA-256) into dest, or raise DownloadError."""
+    """Fetch and verify every file (name -> checksum) into dest, or raise DownloadError."""
     # Every name is checked before the first byte is fetched: a bad entry fails in seconds.
+    # (The params schema checks the same; this guards callers that bypass it.)
     stored: dict[str, str] = {}
     for name in files:
         _check_name(name)
         if stored_name(name) in stored:
-            raise ConfigError(f"download.files: {stored[stored_name(name)]!r} and {name!r} would both be "
+            raise ConfigError(f"files: {stored[stored_name(name)]!r} and {name!r} would both be "
                               f"stored as {stored_name(name)!r}")
         stored[stored_name(name)] = name
     for mirror in mirrors:
         _check_mirror(mirror)
-    for name, sha256 in files.items():
-        fetch_one(name, sha256, mirrors, dest / stored_name(name), timeout_s=timeout_s, retries=retries)
+    for name, checksum in files.items():
+        fetch_one(name, checksum, mirrors, dest / stored_name(name), timeout_s=timeout_s, retries=retries)
 
 
-def fetch_one(name: str, sha256: str, mirrors: list[str], target: Path, *, timeout_s: float, retries: int) -> str:
-    """Fetch `name` from the first mirror that serves verified content; return that mirror."""
+def fetch_one(name: str, checksum: str, mirrors: list[str], target: Path, *, timeout_s: float, retries: int) -> str:
+    """Fetch `name` from the first mirror that serves verified content; return that mirror.
+
+    `checksum` is a content SHA-256 (64 hex digits) or `md5:<32 hex digits>` of the file as served.
+    """
     _check_name(name)
+    _check_checksum(checksum)
     for mirror in mirrors:
         _check_mirror(mirror)
     failures: list[str] = []
@@ -87,7 +92,7 @@ def fetch_one(name: str, sha256: str, mirrors: list[str], target: Path, *, timeo
         for attempt in range(retries + 1):
             try:
                 with atomic_path(target) as tmp:
-                    _download_verified(url, name, sha256, tmp, timeout_s)
+                    _download_verified(url, name, checksum, tmp, timeout_s)
                 log.info("%s: verified from %s", name, mirror)
                 return mirror
             except _Permanent as exc:
@@ -107,29 +112,54 @@ def fetch_one(name: str, sha256: str, mirrors: list[str], target: Path, *, timeo
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
-        raise ConfigError(f"download.files: {name!r} is not a plain file name "
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"files: {name!r} is not a plain file name "
                           "(letters, digits, '.', '_', '+', '-'; no directories)")
 
 
+def _check_checksum(checksum: str) -> None:
+    if not isinstance(checksum, str) or not CHECKSUM.fullmatch(checksum):
+        raise ConfigError(f"files: checksum {checksum!r} must be 64 lowercase hex digits (content SHA-256) "
+                          "or md5:<32 lowercase hex digits> (MD5 of the file as served)")
+
+
 def _check_mirror(mirror: str) -> None:
-    # urllib would not log in with them anyway: it would send user:password to the DNS
-    # resolver as part of a host name. Secrets do not belong in params.yaml, which git tracks.
-    if _USERINFO.match(mirror):
-        masked = _USERINFO.sub(r"\1***@", mirror)
-        raise ConfigError(f"download.mirrors: {masked!r} contains a user name or password; "
+    # The params schema refuses these too; this guards callers that bypass it.
+    if USERINFO.match(mirror):
+        masked = USERINFO.sub(r"\1***@", mirror)
+        raise ConfigError(f"mirrors: {masked!r} contains a user name or password; "
                           "mirrors must not need credentials")
 
 
-def _download_verified(url: str, name: str, sha256: str, out: Path, timeout_s: float) -> None:
+def _download_verified(url: str, name: str, checksum: str, out: Path, timeout_s: float) -> None:
     raw = out.with_name(out.name + ".download")
     try:
         complete = _download(url, name, raw, timeout_s)
+        # Decompressing first, even for an MD5 of the raw bytes: a cut-short transfer then shows
+        # as a truncated gzip (retried) rather than as a wrong checksum (not retried).
         digest = _decompress_and_hash(raw, out, compressed=name.endswith(".gz"), complete=complete)
+        if checksum.startswith(_MD5):
+            served = _md5(raw)
+            if served != checksum.removeprefix(_MD5):
+                raise _Permanent(f"checksum mismatch: MD5 of the file as served is {served}, "
+                                 f"expected {checksum.removeprefix(_MD5)}")
     finally:
         raw.unlink(missing_ok=True)
-    if digest != sha256:
-        raise _Permanent(f"checksum mismatch: content SHA-256 is {digest}, expected {sha256}")
+    if not checksum.startswith(_MD5) and digest != checksum:
+        raise _Permanent(f"checksum mismatch: content SHA-256 is {digest}, expected {checksum}")
+
+
+def _md5(path: Path) -> str:
+    # MD5 is what these publishers list; it catches a corrupt or wrong file, which is its job
+    # here. usedforsecurity=False keeps FIPS-mode Pythons from refusing it.
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise _Permanent(f"cannot read it back ({exc.strerror or exc})") from None
+    return digest.hexdigest()
 
 
 def _download(url: str, name: str, out: Path, timeout_s: float) -> bool:
