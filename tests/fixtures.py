@@ -191,3 +191,16 @@ def wait_for_mlflow(proc: subprocess.Popen, url: str, log: Path, timeout_s: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def toy_images(n: int = 64, seed: int = 0):
+    """n noisy 12x12 uint8 images in 4 classes, each class a bright bar in its own rows: a
+    problem a few epochs of any model learn, for engine tests that need no real data."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 40, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    for i, k in enumerate(y):
+        x[i, 0, 3 * k : 3 * k + 2, 2:10] = 220
+    return x, y

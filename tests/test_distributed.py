@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fixtures import ROOT, set_params, tiny_project
+from fixtures import ROOT, set_params, tiny_project, toy_images
 from imgclf import distributed
 from imgclf.config import MLPConfig, TrainConfig
 from imgclf.engine import Normalizer, Shard, fit, resolve_device
@@ -60,13 +60,6 @@ def test_shards_split_every_global_batch_exactly_once(world_size):
         assert max(sizes) - min(sizes) <= 1
 
 
-def _data(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randint(0, 40, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
-    for i, k in enumerate(y):
-        x[i, 0, 3 * k : 3 * k + 2, 2:10] = 220
-    return x, y
 
 
 # 61 images in global batches of 15 over 2 processes: every batch splits 8/7 and the last one
@@ -82,8 +75,8 @@ def _train(shard: Shard, ddp: bool):
     torch.set_num_threads(1)
     model = build_model(ARCH, (1, 12, 12), 4, log_probs=False)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else None
-    x, y = _data(N_IMAGES)
-    vx, vy = _data(20, seed=1)
+    x, y = toy_images(N_IMAGES)
+    vx, vy = toy_images(20, seed=1)
     history = fit(model, x, y, vx, vy, cfg=CFG, normalize=Normalizer.from_stats([0.2], [0.3]), precision="fp32",
                   on_improve=lambda record: None, shard=shard, train_module=net, validate=shard.rank == 0)
     return model, history

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures import toy_images
 from imgclf import checkpoint
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.engine import Normalizer, augment, fit, make_loss, make_optimizer, make_schedule, resolve_device
@@ -92,21 +93,14 @@ def test_onecycle_schedule_end_points():
     assert lrs[-1] < 0.4 / 500
 
 
-def _data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randint(0, 40, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
-    for i, k in enumerate(y):
-        x[i, 0, 3 * k : 3 * k + 2, 2:10] = 220
-    return x, y
 
 
 def _fit(cfg, model_cfg=CNN_CFG, improvements=None, device="cpu"):
     # As the train stage does it: deterministic settings first, the data and the model on the device.
     set_determinism(cfg.seed, torch.get_num_threads(), cfg.deterministic)
     model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll").to(device)
-    x, y = (t.to(device) for t in _data())
-    vx, vy = (t.to(device) for t in _data(32, seed=1))
+    x, y = (t.to(device) for t in toy_images())
+    vx, vy = (t.to(device) for t in toy_images(32, seed=1))
     norm = Normalizer.from_stats([0.2], [0.3]).to(device)
     hist = fit(model, x, y, vx, vy, cfg=cfg, normalize=norm, precision="fp32",
                on_improve=lambda r: improvements.append(r.epoch) if improvements is not None else None)
