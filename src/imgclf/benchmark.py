@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from imgclf.atomic import write_json
 from imgclf.config import load_model, load_train, model_names, read_params
 from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import EpochRecord, Normalizer, evaluate, fit, make_loss, pick_threads, resolve_precision
+from imgclf.engine import (
+    EpochRecord,
+    Normalizer,
+    autocast,
+    evaluate,
+    fit,
+    make_loss,
+    pick_threads,
+    resolve_precision,
+)
 from imgclf.models import build_model, count_parameters
 from imgclf.paths import PROCESSED_DIR, ROOT
 from imgclf.training import set_determinism
@@ -151,6 +162,55 @@ def classic_baseline(name: str, data: dict[str, Any], params: dict[str, Any], ba
             "batches_timed": batches, "precision": "fp32", "batch_size": 64}
 
 
+def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Eager versus `torch.compile` for the engine's training step on the same model, batch and
+    precision: the compile time (first step) and the steady images/s after it. The engine
+    compiles nothing; this is the measurement behind that choice, rerun on every `make bench`."""
+    meta = data["meta"]
+    images, labels = data["train"]
+    cfg = load_train(name, params)
+    precision = resolve_precision(cfg.precision)
+    loss_fn = make_loss(cfg.loss, cfg.label_smoothing)
+    normalize = Normalizer.from_stats(meta["mean"], meta["std"])
+    out: dict[str, Any] = {"steps_timed": steps, "batch_size": cfg.batch_size, "precision": precision}
+    # A cold compile, as a fresh machine (or CI) pays it: not Inductor's cache from a last run.
+    cache = tempfile.TemporaryDirectory(prefix="inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+    torch._dynamo.reset()
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = build_model(load_model(name, params), tuple(meta["shape"]), len(meta["classes"]),
+                            log_probs=cfg.loss == "nll").to(memory_format=torch.channels_last)
+        model.train()
+        forward = torch.compile(model) if mode == "compiled" else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+        def step(i: int, forward=forward, optimizer=optimizer) -> None:
+            first = (i * cfg.batch_size) % (len(labels) - cfg.batch_size)
+            x, y = normalize(images[first : first + cfg.batch_size]), labels[first : first + cfg.batch_size]
+            with autocast(precision):
+                loss = loss_fn(forward(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        start = time.perf_counter()
+        step(0)  # compiles, for the compiled model
+        out[f"{mode}_first_step_s"] = round(time.perf_counter() - start, 2)
+        for i in range(1, 4):
+            step(i)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        out[f"{mode}_images_per_s"] = round(steps * cfg.batch_size / (time.perf_counter() - start))
+    cache.cleanup()
+    # Worth it only if the time saved per epoch repays the compile time within the run.
+    per_epoch = len(labels) * (1 / out["eager_images_per_s"] - 1 / out["compiled_images_per_s"])
+    out["seconds_saved_per_epoch"] = round(per_epoch, 2)
+    out["pays_off_within_run"] = per_epoch * cfg.epochs > out["compiled_first_step_s"] - out["eager_first_step_s"]
+    return out
+
+
 def time_dvc(args: list[str]) -> tuple[float, list[str]]:
     start = time.perf_counter()
     proc = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True)
@@ -177,6 +237,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per model (mean and spread)")
     parser.add_argument("--models", nargs="*", help="model keys of params.yaml (default: all)")
     parser.add_argument("--baseline-batches", type=int, default=150)
+    parser.add_argument("--compile-steps", type=int, default=120,
+                        help="training steps timed for eager vs torch.compile (0 skips it)")
     parser.add_argument("--skip-dvc", action="store_true", help="skip the dvc repro timings")
     parser.add_argument("--skip-engine", action="store_true", help="only the dvc repro timings")
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "benchmark.json")
@@ -214,6 +276,8 @@ def main() -> None:
         summary = summarize(runs)
         baseline = classic_baseline(name, data, params, args.baseline_batches)
         log.info("%s baseline: %s", name, baseline)
+        compiled = compile_probe(name, data, params, args.compile_steps) if args.compile_steps else None
+        log.info("%s torch.compile: %s", name, compiled)
         result["models"][name] = {
             "parameters": count_parameters(first["model"]),
             "epochs": first["epochs"], "precision": first["precision"], "threads": first["threads"],
@@ -223,6 +287,7 @@ def main() -> None:
             "train_mflops_per_image": round(flops / 1e6, 2),
             "classic_dataloader_baseline": baseline,
             "speedup_images_per_s_vs_baseline": round(summary["images_per_s_mean"] / baseline["images_per_s"], 1),
+            "torch_compile": compiled,
             "runs": [{k: v for k, v in r.items() if k != "model"} for r in runs],
         }
         write_json(args.out, result)  # kept as it grows: the engine figures take the longest
