@@ -191,11 +191,6 @@ def from_checkpoint(path: Path) -> Predictor:
     return Predictor(str(path), _check_in_shape(state["in_shape"], str(path)), list(state["classes"]), probabilities)
 
 
-def _masked(uri: str) -> str:
-    """A store URI fit for an error message: a password in it is replaced by ***."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
-
-
 def _check_store(store: str) -> None:
     """Fail in one line, and fast, where MLflow would create an empty store or retry for minutes."""
     if store.startswith("sqlite:///"):
@@ -203,7 +198,7 @@ def _check_store(store: str) -> None:
         if not database.is_file():
             raise TrackingError(f"no MLflow store at {database}: run `dvc repro` first, or set "
                                 "MLFLOW_TRACKING_URI to the store that holds the model")
-    tracking._check_reachable(store)
+    tracking.check_reachable(store)
 
 
 def _signature_shape(metadata: Any) -> list[int] | None:
@@ -239,7 +234,7 @@ def from_mlflow(uri: str) -> Predictor:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for our one line
     mlflow.set_tracking_uri(store)
-    where = f" in the store {_masked(store)}" if uri.startswith(STORE_SCHEMES) else ""
+    where = f" in the store {tracking.masked(store)}" if uri.startswith(STORE_SCHEMES) else ""
     # Downloaded files are only needed while loading: the model then lives in memory.
     with tempfile.TemporaryDirectory(prefix="imgclf-predict-") as scratch:
         try:

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -69,7 +70,13 @@ def _first_use_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _check_reachable(uri: str) -> None:
+def masked(uri: str) -> str:
+    """A tracking or store URI fit for a message or log: a password in it becomes ***."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
+def check_reachable(uri: str) -> None:
+    """For an HTTP tracking server, fail now, in one line, if it does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -78,7 +85,7 @@ def _check_reachable(uri: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {masked(uri)} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
         ) from None
 
 
@@ -88,7 +95,7 @@ def setup(experiment: str) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    _check_reachable(uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(experiment)
