@@ -35,6 +35,7 @@ from imgclf.atomic import write_json
 from imgclf.config import load_model, load_train, model_names, read_params
 from imgclf.data.dataset import load_meta, load_split
 from imgclf.engine import (
+    Augmentation,
     EpochRecord,
     Normalizer,
     autocast,
@@ -102,8 +103,9 @@ def run_engine(name: str, seed: int, data: dict[str, Any], params: dict[str, Any
         curve.append({"epoch": record.epoch, "seconds": round(elapsed, 2),
                       "train_images_per_s": round(record.train["images_per_s"]), "test_accuracy": result["accuracy"]})
 
+    # The data set's augmentation, as the train stage applies it (meta.json says which).
     history = fit(model, *data["train"], *data["val"], cfg=cfg, normalize=normalize, precision=precision,
-                  on_improve=lambda record: None, on_epoch=on_epoch)
+                  augmentation=Augmentation.from_meta(meta), on_improve=lambda record: None, on_epoch=on_epoch)
     epoch_seconds = [r.train["seconds"] for r in history]
     reached = next((c["seconds"] for c in curve if c["test_accuracy"] >= target), None)
     return {
