@@ -8,6 +8,7 @@ import http.server
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -175,22 +176,42 @@ def tiny_project(base: Path, extra=None) -> Iterator[Project]:
         yield project
 
 
-def wait_for_mlflow(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
-    """Return once the MLflow server started as `proc` answers /health; fail with its log if it
-    exits or stays silent."""
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, *, what: str = "mlflow server",
+                       path: str = "/health", expect: bytes | None = b"OK", timeout_s: float = 180) -> None:
+    """Return once the server started as `proc` answers GET `path` (with body `expect`, when
+    given); fail with its log if it exits or stays silent. Never skips: a server that does not
+    start is a failure, in CI and everywhere else."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.read().strip() == b"OK":
+            with urllib.request.urlopen(f"{url}{path}", timeout=5) as response:
+                if response.status == 200 and (expect is None or response.read().strip() == expect):
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise AssertionError(f"mlflow server did not answer /health in time:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+            raise AssertionError(f"{what} did not answer {path} in {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def wait_for_mlflow(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
+    """Return once the MLflow server started as `proc` answers /health."""
+    wait_until_serving(proc, url, log, timeout_s=timeout_s)
+
+
+def stop_session(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a server started with start_new_session=True: the signal reaches its whole
+    process group (mlflow and the uvicorn workers it starts), SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def toy_images(n: int = 64, seed: int = 0):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import urllib.error
 import urllib.parse
@@ -22,7 +21,7 @@ import urllib.request
 import pytest
 
 from browser import BrowserUnavailable, start_chromium
-from fixtures import BIN, ROOT, tiny_project, wait_for_mlflow
+from fixtures import BIN, ROOT, stop_session, tiny_project, wait_for_mlflow
 from pgserver import free_port
 
 EXPERIMENT = "fashion-mnist-lesson"
@@ -85,15 +84,7 @@ def tracking_server(tmp_path_factory):
         wait_for_mlflow(proc, url, log)
         yield url
     finally:
-        # Its own session: the signal reaches mlflow and the uvicorn worker it started.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_session(proc)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
@@ -15,42 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import BIN
+from fixtures import BIN, stop_session, wait_until_serving
 from pgserver import free_port
 from test_predict import HEIGHT, WIDTH, classifier_of, make_checkpoint, register_tiny_model
 
 REGISTERED = "serving-test-classifier"
-
-
-def _wait_for_ping(proc: subprocess.Popen, url: str, log, timeout_s: float = 120) -> None:
-    """Return once the scoring server answers /ping; fail with its log if it exits or stays
-    silent. No skip: a server that does not start is a failure, in CI and everywhere else."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"mlflow models serve did not answer /ping in {timeout_s:.0f}s:\n"
-                                 f"{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # Its own session: the signal reaches the CLI and the uvicorn server it started.
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.slow
@@ -67,7 +34,8 @@ def test_served_champion_returns_the_local_models_probabilities(tmp_path):
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_ping(proc, url, log)
+        wait_until_serving(proc, url, log, what="mlflow models serve", path="/ping", expect=None,
+                           timeout_s=120)
         images = np.random.default_rng(3).integers(0, 256, (6, 1, HEIGHT, WIDTH), dtype=np.uint8)
         images[0] = 0  # an all-black and an all-white image: the ends of the pixel range
         images[1] = 255
@@ -76,7 +44,7 @@ def test_served_champion_returns_the_local_models_probabilities(tmp_path):
         with urllib.request.urlopen(request, timeout=60) as response:
             served = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
     finally:
-        _stop(proc)
+        stop_session(proc, timeout_s=20)
     with torch.inference_mode():
         local = classifier_of(ckpt)(torch.from_numpy(images)).numpy()
     assert served.shape == local.shape == (6, 5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dvcqueue import check_experiment_runs, run_queued
-from fixtures import BIN, ROOT, TINY, tiny_project, wait_for_mlflow
+from fixtures import BIN, ROOT, TINY, stop_session, tiny_project, wait_for_mlflow
 from imgclf.registry import ACCURACY_TAG
 from pgserver import PgServer, free_port, start_postgres
 
@@ -96,18 +95,7 @@ def server(postgres, tmp_path_factory, request):
         proc = subprocess.Popen([str(SCRIPT), "--workers", "1"], cwd=work, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def stop() -> None:
-        # Its own session: the signal reaches mlflow and the uvicorn worker it started.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-
-    request.addfinalizer(stop)
+    request.addfinalizer(lambda: stop_session(proc))
     url = f"http://127.0.0.1:{port}"
     wait_for_mlflow(proc, url, log)
     return Server(url=url, artifacts=work / "artifacts", log=log, pg=postgres)
