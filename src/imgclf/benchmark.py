@@ -177,6 +177,7 @@ def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps
     out: dict[str, Any] = {"steps_timed": steps, "batch_size": cfg.batch_size, "precision": precision}
     # A cold compile, as a fresh machine (or CI) pays it: not Inductor's cache from a last run.
     cache = tempfile.TemporaryDirectory(prefix="inductor-")
+    previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     torch._dynamo.reset()
     for mode in ("eager", "compiled"):
@@ -206,6 +207,10 @@ def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps
             step(i)
         out[f"{mode}_images_per_s"] = round(steps * cfg.batch_size / (time.perf_counter() - start))
     cache.cleanup()
+    if previous_cache is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_cache
     # Worth it only if the time saved per epoch repays the compile time within the run.
     per_epoch = len(labels) * (1 / out["eager_images_per_s"] - 1 / out["compiled_images_per_s"])
     out["seconds_saved_per_epoch"] = round(per_epoch, 2)
