@@ -20,6 +20,8 @@ import yaml
 from fixtures import ROOT, TINY, Project, git, make_project, set_params, tiny_project
 from sshd import SSHDUnavailable, start_sshd
 
+from imgclf.benchmark import stages_in
+
 pytestmark = pytest.mark.slow
 
 MODELS = tuple(TINY["models"])
@@ -143,6 +145,12 @@ def test_reverted_param_restores_trained_models_from_run_cache(run_cache_cycle, 
             cycle.restored
     assert "Running stage 'train@" not in cycle.restored, cycle.restored
     assert "epoch 1/" not in cycle.restored, cycle.restored
+    # `make bench` reads the same two kinds of line to tell a rerun from a restore.
+    train_stages = {f"train@{m}" for m in MODELS}
+    assert train_stages <= set(stages_in(cycle.changed)["ran"]), cycle.changed
+    assert not train_stages & set(stages_in(cycle.changed)["restored_from_run_cache"])
+    assert train_stages <= set(stages_in(cycle.restored)["restored_from_run_cache"]), cycle.restored
+    assert not train_stages & set(stages_in(cycle.restored)["ran"])
     assert UP_TO_DATE in cycle.project.run("dvc", "status").stdout
 
     mlflow.set_tracking_uri(cycle.project.env["MLFLOW_TRACKING_URI"])
