@@ -24,16 +24,18 @@ def main() -> None:
         # here, once, rather than in every process.
         distributed.launch(Path(__file__).resolve(), [name], cfg)
         return
-    train_model(
-        name,
-        arch=load_model(name, params),
-        cfg=cfg,
-        experiment=experiment,
-        processed_dir=PROCESSED_DIR,
-        checkpoint_path=model_dir(name) / "model.pt",
-        metrics_out=metrics_dir(name),
-        src_dir=ROOT / "src" / "imgclf",
-    )
+    with distributed.session(cfg) as ctx:  # this process's share of the job: device, rank
+        train_model(
+            name,
+            ctx,
+            arch=load_model(name, params),
+            cfg=cfg,
+            experiment=experiment,
+            processed_dir=PROCESSED_DIR,
+            checkpoint_path=model_dir(name) / "model.pt",
+            metrics_out=metrics_dir(name),
+            src_dir=ROOT / "src" / "imgclf",
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from imgclf import tracking, training
+from imgclf import distributed, tracking, training
 from imgclf.config import MLPConfig, TrainConfig
 from imgclf.data.dataset import Split, save_processed
 from imgclf.errors import TrackingError
@@ -46,8 +46,8 @@ def test_logging_failure_after_training_keeps_model_and_metrics(store, monkeypat
     monkeypatch.setattr(tracking, "log_model", broken)
     arch = MLPConfig(arch="mlp", hidden=[16])
     cfg = TrainConfig(seed=0, epochs=2, batch_size=16, optimizer="sgd", lr=0.05, threads=1)
-    with caplog.at_level(logging.ERROR):
-        training.train_model("tiny", arch=arch, cfg=cfg, experiment="t", processed_dir=processed,
+    with caplog.at_level(logging.ERROR), distributed.session(cfg) as ctx:
+        training.train_model("tiny", ctx, arch=arch, cfg=cfg, experiment="t", processed_dir=processed,
                              checkpoint_path=store / "model.pt", metrics_out=store / "metrics", src_dir=store)
     assert (store / "model.pt").stat().st_size > 0
     assert json.loads((store / "metrics" / "train.json").read_text())["epochs"] == 2

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imgclf.config import TrainConfig
-from imgclf.engine import Shard, pick_threads, resolve_device
+from imgclf.engine import Shard, deterministic_cuda_env, pick_threads, resolve_device
 from imgclf.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ def session(cfg: TrainConfig) -> Iterator[Context]:
     On success every process meets at a barrier (the writer has finished its outputs) and the
     group is destroyed. On an error the process just fails: torchrun then stops the others.
     """
+    if cfg.deterministic:
+        deterministic_cuda_env()  # before the first CUDA call, which may be just below
     if not under_torchrun():
         yield Context(device=resolve_device(cfg.device))
         return

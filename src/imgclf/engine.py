@@ -61,6 +61,13 @@ def pick_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def deterministic_cuda_env() -> None:
+    # cuBLAS reads this when it creates its first handle: without it some CUDA matmuls give
+    # run-to-run different sums, and use_deterministic_algorithms raises on them. So it is set
+    # before any CUDA work; a value the user set (e.g. :16:8, less memory) is kept.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def resolve_device(requested: str, index: int = 0) -> torch.device:
     """`train.device` as a torch device: 'auto' is CUDA (GPU `index`) when PyTorch sees one, else
     the CPU; 'cuda' without a GPU is a ConfigError rather than a silent fall-back."""

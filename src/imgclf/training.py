@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,18 +16,12 @@ from imgclf import checkpoint, distributed, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import Augmentation, EpochRecord, Normalizer, describe_device, fit, resolve_precision
+from imgclf.engine import (Augmentation, EpochRecord, Normalizer, describe_device, deterministic_cuda_env, fit,
+                           resolve_precision)
 from imgclf.models import Classifier, build_model, count_parameters
 from imgclf.schema import HISTORY_COLUMNS
 
 log = logging.getLogger(__name__)
-
-
-def deterministic_cuda_env() -> None:
-    # cuBLAS reads this when it creates its first handle: without it some CUDA matmuls give
-    # run-to-run different sums, and use_deterministic_algorithms raises on them. So it is set
-    # before any CUDA work; a value the user set (e.g. :16:8, less memory) is kept.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def set_determinism(seed: int, threads: int, deterministic: bool = True) -> None:
@@ -56,26 +49,6 @@ def history_csv(history: list[EpochRecord]) -> str:
 
 def train_model(
     name: str,
-    *,
-    arch: MLPConfig | CNNConfig,
-    cfg: TrainConfig,
-    experiment: str,
-    processed_dir: Path,
-    checkpoint_path: Path,
-    metrics_out: Path,
-    src_dir: Path,
-) -> None:
-    """Train one model, in this process or as one process of a torchrun job (imgclf.distributed).
-    Only the writing process validates, saves the checkpoint and metrics, and logs to MLflow."""
-    if cfg.deterministic:
-        deterministic_cuda_env()
-    with distributed.session(cfg) as ctx:
-        _train(name, ctx, arch=arch, cfg=cfg, experiment=experiment, processed_dir=processed_dir,
-               checkpoint_path=checkpoint_path, metrics_out=metrics_out, src_dir=src_dir)
-
-
-def _train(
-    name: str,
     ctx: distributed.Context,
     *,
     arch: MLPConfig | CNNConfig,
@@ -86,6 +59,9 @@ def _train(
     metrics_out: Path,
     src_dir: Path,
 ) -> None:
+    """Train one model in this process, alone or as one process of a torchrun job
+    (`ctx` from imgclf.distributed.session). Only the writing process validates, saves the
+    checkpoint and metrics, and logs to MLflow."""
     device = ctx.device
     precision = resolve_precision(cfg.precision, device)
     threads = ctx.threads(cfg.threads)
