@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -176,41 +177,36 @@ def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps
     normalize = Normalizer.from_stats(meta["mean"], meta["std"])
     out: dict[str, Any] = {"steps_timed": steps, "batch_size": cfg.batch_size, "precision": precision}
     # A cold compile, as a fresh machine (or CI) pays it: not Inductor's cache from a last run.
-    cache = tempfile.TemporaryDirectory(prefix="inductor-")
-    previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
-    torch._dynamo.reset()
-    for mode in ("eager", "compiled"):
-        torch.manual_seed(0)
-        model = build_model(load_model(name, params), tuple(meta["shape"]), len(meta["classes"]),
-                            log_probs=cfg.loss == "nll").to(memory_format=torch.channels_last)
-        model.train()
-        forward = torch.compile(model) if mode == "compiled" else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    # patch.dict puts the environment back as it was, whatever happens inside.
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache, \
+            mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):
+        torch._dynamo.reset()
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = build_model(load_model(name, params), tuple(meta["shape"]), len(meta["classes"]),
+                                log_probs=cfg.loss == "nll").to(memory_format=torch.channels_last)
+            model.train()
+            forward = torch.compile(model) if mode == "compiled" else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
-        def step(i: int, forward=forward, optimizer=optimizer) -> None:
-            first = (i * cfg.batch_size) % (len(labels) - cfg.batch_size)
-            x, y = normalize(images[first : first + cfg.batch_size]), labels[first : first + cfg.batch_size]
-            with autocast(precision):
-                loss = loss_fn(forward(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            def step(i: int, forward=forward, optimizer=optimizer) -> None:
+                first = (i * cfg.batch_size) % (len(labels) - cfg.batch_size)
+                x, y = normalize(images[first : first + cfg.batch_size]), labels[first : first + cfg.batch_size]
+                with autocast(precision):
+                    loss = loss_fn(forward(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
-        start = time.perf_counter()
-        step(0)  # compiles, for the compiled model
-        out[f"{mode}_first_step_s"] = round(time.perf_counter() - start, 2)
-        for i in range(1, 4):
-            step(i)
-        start = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        out[f"{mode}_images_per_s"] = round(steps * cfg.batch_size / (time.perf_counter() - start))
-    cache.cleanup()
-    if previous_cache is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_cache
+            start = time.perf_counter()
+            step(0)  # compiles, for the compiled model
+            out[f"{mode}_first_step_s"] = round(time.perf_counter() - start, 2)
+            for i in range(1, 4):
+                step(i)
+            start = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            out[f"{mode}_images_per_s"] = round(steps * cfg.batch_size / (time.perf_counter() - start))
     # Worth it only if the time saved per epoch repays the compile time within the run.
     per_epoch = len(labels) * (1 / out["eager_images_per_s"] - 1 / out["compiled_images_per_s"])
     out["seconds_saved_per_epoch"] = round(per_epoch, 2)
