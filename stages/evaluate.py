@@ -50,7 +50,8 @@ def main() -> None:
     with tracking.resume_run(experiment_id, tracking.file_sha256(ckpt), name, f"evaluate@{name}") as run_id:
         tracking.ensure_model_logged(experiment_id, run_id, Classifier(model, state["mean"], state["std"]),
                                      tracking.input_example(test.images), ROOT / "src" / "imgclf",
-                                     state["classes"])
+                                     state["classes"], state.get("resize"))
+        tracking.log_data(meta, "evaluation")
         m = result["metrics"]
         mlflow.log_metrics({"test/loss": m["test/loss"], "test/accuracy": m["test/accuracy"],
                             **{f"test/accuracy/{c}": a for c, a in m["test/per_class_accuracy"].items()}})

@@ -165,7 +165,7 @@ def tiny_project(base: Path, extra=None) -> Iterator[Project]:
     with serve_directory(mirror) as url:
         def tiny(params):
             params["download"].update(dataset="fashion_mnist", retries=0)
-            params["datasets"]["fashion_mnist"] = {"mirrors": [url], "files": checksums}
+            params["datasets"]["fashion_mnist"].update(mirrors=[url], files=checksums)
             params["train"].update(TINY["train"])
             params.update({k: TINY[k] for k in ("models", "evaluate", "report")})
             if extra is not None:

@@ -13,18 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def params() -> dict:
-    """The shipped params, with `models.cnn.train` removed: the tests below check the shared
-    `train` section through the cnn, so no per-model override may hide a value they set."""
+    """The shipped params, with `models.cnn.train` moved into `train`: the tests below check the
+    shared `train` section through the cnn, so no per-model override may hide a value they set."""
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
-    shipped["models"]["cnn"].pop("train", None)
+    shipped["train"].update(shipped["models"]["cnn"].pop("train", {}))
     return shipped
 
 
 def test_shipped_params_are_valid():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())  # as shipped, overrides included
     assert config.load_section("download", config.DownloadConfig, params).dataset == "fashion_mnist"
-    for name in config.DATASET_CHOICES:
-        assert config.load_source(name, params).mirrors
+    for name in params["datasets"]:
+        ds = config.load_dataset(name, params)
+        assert ds.mirrors or ds.folder
     assert config.validate_all(params) == config.model_names(params)
     assert config.load_section("preprocess", config.PreprocessConfig, params).val_fraction == 0.1
     for name in config.model_names(params):
@@ -110,44 +111,44 @@ def test_missing_section_suggests_the_typo(params):
 
 def test_empty_mirror_list_and_bad_scheme(params):
     params["datasets"]["mnist"]["mirrors"] = []
-    assert _error(config.load_source, "mnist", params).startswith("datasets.mnist.mirrors: got []")
+    assert _error(config.load_dataset, "mnist", params).startswith("datasets.mnist.mirrors: got []")
     params["datasets"]["mnist"]["mirrors"] = ["ftp://example.org/"]
-    assert "must start with file://" in _error(config.load_source, "mnist", params)
+    assert "must start with file://" in _error(config.load_dataset, "mnist", params)
 
 
 @pytest.mark.parametrize("checksum", ["md5:F68B3C2DCBEAAA9FBDD348BBDEB94873", "md5:f68b3c", "sha1:" + "0" * 40,
                                       "0" * 63, "md5:" + "0" * 64])
 def test_bad_checksum_names_key_value_and_both_forms(params, checksum):
     params["datasets"]["cifar10"]["files"]["cifar-10-binary.tar.gz"] = checksum
-    msg = _error(config.load_source, "cifar10", params)
+    msg = _error(config.load_dataset, "cifar10", params)
     assert msg.startswith(f"datasets.cifar10.files.cifar-10-binary.tar.gz: got {checksum!r}: ")
     assert "64 lowercase hex digits" in msg and "md5:<32 lowercase hex digits>" in msg
 
 
 def test_both_checksum_forms_are_accepted(params):
-    files = config.load_source("fashion_mnist", params).files
+    files = config.load_dataset("fashion_mnist", params).files
     assert all(len(c) == 64 for c in files.values())
-    assert config.load_source("cifar10", params).files == {"cifar-10-binary.tar.gz": "md5:c32a1d4ab5d03f1284b67883e8d87530"}
+    assert config.load_dataset("cifar10", params).files == {"cifar-10-binary.tar.gz": "md5:c32a1d4ab5d03f1284b67883e8d87530"}
 
 
 @pytest.mark.parametrize(("name", "problem"), [("../x.gz", "is not a plain file name"),
                                                (".hidden", "is not a plain file name")])
 def test_file_names_are_checked_in_params(params, name, problem):
     params["datasets"]["mnist"]["files"][name] = "md5:" + "0" * 32
-    msg = _error(config.load_source, "mnist", params)
+    msg = _error(config.load_dataset, "mnist", params)
     assert msg.startswith("datasets.mnist: files: ") and problem in msg
 
 
 def test_two_files_stored_under_one_name_are_refused(params):
     params["datasets"]["mnist"]["files"]["t10k-labels-idx1-ubyte"] = "0" * 64
-    msg = _error(config.load_source, "mnist", params)
+    msg = _error(config.load_dataset, "mnist", params)
     assert msg == ("datasets.mnist: files: 't10k-labels-idx1-ubyte.gz' and 't10k-labels-idx1-ubyte' would both "
                    "be stored as 't10k-labels-idx1-ubyte'")
 
 
 def test_mirror_credentials_are_refused_and_masked(params):
     params["datasets"]["mnist"]["mirrors"].append("https://deploy:" + "hunter2-pw" + "@example.org/mnist/")
-    msg = _error(config.load_source, "mnist", params)
+    msg = _error(config.load_dataset, "mnist", params)
     assert msg == ("datasets.mnist: mirrors[2] 'https://***@example.org/mnist/' contains a user name or "
                    "password; mirrors must not need credentials")
 
@@ -158,14 +159,14 @@ def test_validate_all_checks_every_data_set_entry_not_only_the_chosen_one(params
     assert _error(config.validate_all, params).startswith("datasets.cifar10.files.cifar-10-binary.tar.gz: got ")
 
 
-def test_validate_all_names_an_unknown_or_missing_data_set_entry(params):
-    params["datasets"]["cifar100"] = params["datasets"]["cifar10"]
-    assert _error(config.validate_all, params) == (
-        "datasets.cifar100: unknown data set; did you mean 'cifar10'? (known: fashion_mnist, mnist, cifar10)")
-    del params["datasets"]["cifar100"]
+def test_validate_all_names_an_unusable_or_missing_data_set_entry(params):
+    params["datasets"]["my photos"] = params["datasets"]["fashion_png"]
+    assert _error(config.validate_all, params).startswith("datasets.my photos: not a usable data set name")
+    del params["datasets"]["my photos"]
     params["download"]["dataset"] = "mnist"
     del params["datasets"]["mnist"]
-    assert _error(config.validate_all, params).startswith("params.yaml: missing section 'datasets.mnist'")
+    assert _error(config.validate_all, params) == (
+        "download.dataset: got 'mnist': must be a key of datasets (fashion_mnist, cifar10, fashion_png)")
 
 
 def test_old_download_layout_points_to_datasets(params):
@@ -189,6 +190,7 @@ def test_params_file_that_is_not_a_mapping(tmp_path):
 def test_unknown_dataset(params):
     params["download"]["dataset"] = "imagenet"
     assert _error(config.load_dataset_name, params) == (
-        "download.dataset: got 'imagenet': must be one of 'fashion_mnist', 'mnist', 'cifar10'")
+        "download.dataset: got 'imagenet': must be a key of datasets (fashion_mnist, mnist, cifar10, fashion_png)")
+    params["download"]["dataset"] = "../imagenet"
     assert _error(config.load_section, "download", config.DownloadConfig, params).startswith(
-        "download.dataset: got 'imagenet': ")
+        "download.dataset: got '../imagenet': must be a key of `datasets`")

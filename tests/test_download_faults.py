@@ -272,7 +272,7 @@ def test_download_stage_fails_in_one_line_then_succeeds_from_a_good_mirror(good,
     with faulty_mirror(server_error, source) as (busy, _), faulty_mirror(dropped_mid_file, source) as (cut, _):
         def only_bad_mirrors(params):
             params["download"].update(retries=1, timeout_s=10)
-            params["datasets"]["fashion_mnist"] = {"mirrors": [busy, cut], "files": checksums}
+            params["datasets"]["fashion_mnist"].update(mirrors=[busy, cut], files=checksums)
 
         (tmp_path / "proj").mkdir()
         project = make_project(tmp_path / "proj", only_bad_mirrors)

@@ -38,7 +38,7 @@ def project(tmp_path_factory):
     with serve_directory(mirror) as url:
         def tiny(params):
             params["download"].update(retries=0)
-            params["datasets"]["fashion_mnist"] = {"mirrors": [url], "files": checksums}
+            params["datasets"]["fashion_mnist"].update(mirrors=[url], files=checksums)
             params["train"].update(TRAIN)
             params["models"] = MODELS
             params["evaluate"].update(batch_size=500, top_misclassified=2)

@@ -22,11 +22,10 @@ from matplotlib import image as mpimg
 from fixtures import FASHION_FILES, ROOT, TINY, make_fashion_like, make_project, serve_directory, set_params
 from imgclf import config
 from imgclf.data import cifar
-from imgclf.data.dataset import DATASETS, channel_stats
+from imgclf.data.dataset import channel_stats
 from imgclf.data.download import fetch_one
 from imgclf.data.raw import load_raw
 from imgclf.errors import ConfigError, DataError, DownloadError
-from imgclf.report import DATASET_NAMES
 
 CIFAR_GZ = "cifar-10-binary.tar.gz"
 
@@ -74,7 +73,7 @@ def cifar_members(train_per_class: int = 20, test_per_class: int = 10, seed: int
     cuts = np.array_split(np.arange(len(train_labels)), 5)
     members = {f"{folder}/data_batch_{i + 1}.bin": cifar.encode(train[c], train_labels[c]) for i, c in enumerate(cuts)}
     members[f"{folder}/test_batch.bin"] = cifar.encode(test, test_labels)
-    members[f"{folder}/batches.meta.txt"] = ("\n".join(DATASETS["cifar10"].classes) + "\n\n").encode()
+    members[f"{folder}/batches.meta.txt"] = ("\n".join(_classes("cifar10")) + "\n\n").encode()
     return members, (train, train_labels), (test, test_labels)
 
 
@@ -100,12 +99,19 @@ def _tree(path: Path) -> list[str]:
 
 # --- one param picks the data set ----------------------------------------------------------
 
-def test_every_data_set_has_a_source_a_reader_and_a_display_name():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(config.DATASET_CHOICES) == set(DATASETS) == set(params["datasets"]) == set(DATASET_NAMES)
-    assert DATASETS["mnist"].classes == tuple("0123456789")
-    assert (DATASETS["mnist"].augment_shift, DATASETS["mnist"].augment_flip) == (2, False)
-    assert (DATASETS["cifar10"].augment_shift, DATASETS["cifar10"].augment_flip) == (4, True)
+def _classes(name: str) -> list[str]:
+    return list(config.load_dataset(name, config.read_params()).classes)
+
+
+def test_every_built_in_data_set_is_described_in_params_with_classes_augmentation_and_title():
+    params = config.read_params()
+    built_in = {n for n in params["datasets"] if config.load_dataset(n, params).format != "folder"}
+    assert built_in == {"fashion_mnist", "mnist", "cifar10"}
+    assert _classes("mnist") == list("0123456789")
+    mnist, cifar = config.load_dataset("mnist", params), config.load_dataset("cifar10", params)
+    assert (mnist.augment.shift, mnist.augment.flip) == (2, False)
+    assert (cifar.augment.shift, cifar.augment.flip) == (4, True)
+    assert all(config.load_dataset(n, params).title for n in built_in)
 
 
 # --- md5: checksums are of the file as served ----------------------------------------------
@@ -145,8 +151,7 @@ def test_cifar_records_read_back_as_channel_first_rgb(tmp_path):
     first = members[f"{cifar.FOLDER}/data_batch_1.bin"][: cifar.RECORD]
     assert first[0] == train_labels[0]
     assert first[1:1025] == train[0, 0].tobytes() and first[2049:] == train[0, 2].tobytes()
-    got_train, got_test, classes = load_raw(_raw_dir(tmp_path, cifar_tar(members)), "cifar10")
-    assert classes == DATASETS["cifar10"].classes
+    got_train, got_test = load_raw(_raw_dir(tmp_path, cifar_tar(members)), "cifar", tuple(_classes("cifar10")))
     assert got_train.images.dtype == np.uint8 and got_train.images.shape == (30, 3, 32, 32)
     assert got_train.labels.dtype == np.int64
     assert np.array_equal(got_train.images, train) and np.array_equal(got_train.labels, train_labels)
@@ -198,7 +203,7 @@ def test_damaged_or_hostile_cifar_archive_is_refused_in_one_line_writing_nothing
     raw = _raw_dir(tmp_path, cifar_tar(members, extra))
     before = _tree(tmp_path)
     with pytest.raises(DataError) as info:
-        load_raw(raw, "cifar10")
+        load_raw(raw, "cifar", tuple(_classes("cifar10")))
     assert str(info.value).startswith(message), str(info.value)
     assert str(info.value).splitlines() == [str(info.value)]
     assert _tree(tmp_path) == before  # nothing extracted anywhere, not even the good members
@@ -220,7 +225,7 @@ def test_download_and_preprocess_stages_on_each_data_set(tmp_path, dataset, make
     with serve_directory(tmp_path / "mirror") as url:
         def choose(params):
             params["download"].update(dataset=dataset, retries=0)
-            params["datasets"][dataset] = {"mirrors": [url], "files": checksums}
+            params["datasets"][dataset].update(mirrors=[url], files=checksums)
 
         (tmp_path / "base").mkdir()
         project = make_project(tmp_path / "base", choose)
@@ -231,7 +236,7 @@ def test_download_and_preprocess_stages_on_each_data_set(tmp_path, dataset, make
     # .gz files are stored decompressed, CIFAR's tarball included.
     assert sorted(p.name for p in (data / "raw").iterdir()) == sorted(n.removesuffix(".gz") for n in checksums)
     meta = json.loads((data / "processed" / "meta.json").read_text())
-    assert meta["dataset"] == dataset and meta["classes"] == list(DATASETS[dataset].classes)
+    assert meta["dataset"] == dataset and meta["classes"] == _classes(dataset)
     assert meta["shape"] == shape and meta["augment"] == augment
     total_train = 300 if dataset == "mnist" else 200
     assert sum(meta["counts"][s] for s in ("train", "val")) == total_train and meta["counts"]["val"] == total_train // 10
@@ -264,7 +269,7 @@ def test_cifar10_pipeline_end_to_end_and_other_entries_rerun_nothing(tmp_path):
     with serve_directory(tmp_path / "mirror") as url:
         def tiny_cifar(params):
             params["download"].update(dataset="cifar10", retries=0)
-            params["datasets"]["cifar10"] = {"mirrors": [url], "files": checksums}
+            params["datasets"]["cifar10"].update(mirrors=[url], files=checksums)
             params["train"].update(TINY["train"], epochs=2)
             # The CNN alone: both models' forward passes on 3x32x32 are unit-tested
             # (test_models_engine.py), and each model here costs two stage start-ups.

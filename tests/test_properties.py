@@ -32,10 +32,11 @@ PROPERTY = settings(max_examples=80, deadline=None, report_multiple_bugs=False,
 REAL_PARAMS = config.read_params(ROOT / "params.yaml")
 SECTIONS: dict[str, type[config.Section]] = {
     "download": config.DownloadConfig,
-    "datasets.fashion_mnist": config.DatasetSourceConfig,
-    "datasets.cifar10": config.DatasetSourceConfig,
+    "datasets.fashion_mnist": config.DatasetConfig,
+    "datasets.cifar10": config.DatasetConfig,
+    "datasets.fashion_png": config.DatasetConfig,
     "preprocess": config.PreprocessConfig,
-    "train": config.TrainConfig,
+    # `train` alone lacks the keys each model sets (epochs, lr): load_train checks it, merged.
     "evaluate": config.EvaluateConfig,
     "report": config.ReportConfig,
     "mlflow": config.MlflowConfig,

@@ -17,7 +17,7 @@ FLOORS = {"mlp": 0.82, "cnn": 0.85}
 
 def test_real_fashion_mnist_reduced_config(tmp_path):
     def reduce(params):
-        params["train"].update(epochs=1, batch_size=128)
+        params["train"].update(epochs=1, batch_size=128, lr=0.1)
         params["models"] = {
             "mlp": {"arch": "mlp", "hidden": [128], "train": {"epochs": 2, "augment": False, "lr": 0.05}},
             "cnn": {"arch": "cnn", "channels": [16, 32], "hidden": 64, "dropout": 0.1},

@@ -152,7 +152,7 @@ class _RunsCode:
 
 
 TINY_MLP = {
-    "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 50, "threads": 1},
+    "train": {"epochs": 1, "lr": 0.1, "batch_size": 16, "eval_batch_size": 50, "threads": 1},
     "models": {"mlp": {"arch": "mlp", "hidden": [8]}},
 }
 

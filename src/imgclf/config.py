@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,9 +51,8 @@ Checksum = Annotated[str, AfterValidator(_checksum)]
 
 
 class DownloadConfig(Section):
-    # Each name has an entry under `datasets` (where to fetch it) and a DatasetSpec in
-    # imgclf.data.dataset (how to read it).
-    dataset: Literal["fashion_mnist", "mnist", "cifar10"]
+    # A key of `datasets` (checked against that section by validate_all / load_dataset).
+    dataset: Annotated[str, AfterValidator(lambda v: _plain(v, "a key of `datasets`"))]
     timeout_s: PosFloat = 30.0
     retries: Annotated[int, Field(ge=0, le=10)] = 2
 
@@ -68,34 +67,113 @@ class DownloadConfig(Section):
         return raw
 
 
-DATASET_CHOICES: tuple[str, ...] = get_args(DownloadConfig.model_fields["dataset"].annotation)
+def _plain(value: str, what: str) -> str:
+    if not PLAIN_NAME.fullmatch(value):
+        raise ValueError(f"must be {what}: letters, digits, '.', '_', '+', '-'")
+    return value
 
 
-class DatasetSourceConfig(Section):
-    """`datasets.<name>`: where one data set's files come from and what they must hash to."""
+# Image folders live below this directory (relative to the project root): the preprocess stage
+# depends on it as a whole, because dvc.yaml cannot name `datasets.<chosen>.folder` itself
+# (DVC does not interpolate nested `${...}`). See docs/datasets.md.
+IMAGES_ROOT = "data/images"
 
-    mirrors: Annotated[list[str], Field(min_length=1)]
-    files: Annotated[dict[str, Checksum], Field(min_length=1)]
+
+class Augment(Section):
+    """What `train.augment` does for a data set: random shifts of up to `shift` pixels (a
+    zero-padded random crop), and horizontal flips only where a mirrored image keeps its class
+    (clothes and CIFAR's objects yes, digits and text no)."""
+
+    shift: Annotated[int, Field(ge=0, le=16)] = 0
+    flip: bool = False
+
+
+class DatasetConfig(Section):
+    """`datasets.<name>`: one data set, built in or a team's own image folder.
+
+    format idx / cifar: the official files (`mirrors` + `files`), `classes` naming the labels.
+    format folder: one subfolder per class, either at `folder` (tracked by `dvc add` or
+    `dvc import`) or inside a tar/zip archive fetched from `mirrors` + `files` (one file);
+    class names come from the folder names, images are converted to `channels` and resized
+    to `image_size` by `resize`.
+    """
+
+    format: Literal["idx", "cifar", "folder"] = "folder"
+    title: Annotated[str, Field(min_length=1, max_length=80)] | None = None  # shown in the report
+    classes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2, max_length=1000)] | None = None
+    augment: Augment = Augment()
+    mirrors: Annotated[list[str], Field(min_length=1)] | None = None
+    files: Annotated[dict[str, Checksum], Field(min_length=1)] | None = None
+    # --- image folders only ---
+    folder: str | None = None
+    image_size: Annotated[list[Annotated[int, Field(ge=4, le=1024)]], Field(min_length=2, max_length=2)] | None = None
+    channels: Literal[1, 3] | None = None
+    # pad: scale to fit, centre, fill the rest with black (nothing cut off, nothing distorted);
+    # crop: scale to cover, cut the centre; stretch: scale each side independently.
+    resize: Literal["pad", "crop", "stretch"] = "pad"
+    # Drawn from the images when the folder has no top-level test/ (then test/ is the test set).
+    test_fraction: Fraction = 0.1
+    # error: any unreadable or misplaced file stops preprocess, naming it; skip: such files are
+    # left out, counted and listed (meta.json, the report, MLflow).
+    bad_files: Literal["error", "skip"] = "error"
 
     @field_validator("mirrors")
     @classmethod
-    def _mirror_schemes(cls, mirrors: list[str]) -> list[str]:
-        for url in mirrors:
+    def _mirror_schemes(cls, mirrors: list[str] | None) -> list[str] | None:
+        for url in mirrors or []:
             if not url.startswith(("file://", "http://", "https://")):
                 raise ValueError(f"mirror {url!r} must start with file://, http:// or https://")
         return mirrors
 
+    @field_validator("folder")
+    @classmethod
+    def _under_images_root(cls, folder: str | None) -> str | None:
+        if folder is None:
+            return None
+        parts = Path(folder).parts
+        if Path(folder).is_absolute() or ".." in parts or len(parts) < 3 or "/".join(parts[:2]) != IMAGES_ROOT:
+            raise ValueError(f"must be a folder below {IMAGES_ROOT}/, relative to the project root "
+                             f"(e.g. {IMAGES_ROOT}/my_photos): the preprocess stage depends on {IMAGES_ROOT}")
+        return Path(folder).as_posix()
+
     @model_validator(mode="after")
-    def _plain_names_no_credentials(self) -> DatasetSourceConfig:
+    def _consistent(self) -> DatasetConfig:
+        self._check_sources()
+        if self.format == "folder":
+            missing = [k for k in ("image_size", "channels") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} required for an image folder "
+                                 "(image_size: [height, width], channels: 1 or 3)")
+            if self.classes is not None:
+                raise ValueError("classes: not allowed for an image folder (its class names are its folder names)")
+            return self
+        given = [k for k in ("folder", "image_size", "channels", "resize", "test_fraction", "bad_files")
+                 if k in self.model_fields_set]
+        if given:
+            raise ValueError(f"{given[0]}: only for format folder (format {self.format} has its own "
+                             "shapes and official test split)")
+        if self.classes is None:
+            raise ValueError(f"classes required for format {self.format} (the names of labels 0, 1, ...)")
+        return self
+
+    def _check_sources(self) -> None:
         # Raised here rather than per field so the message, not a `got <value>` echo of the
         # whole list, is what is shown: a password must never reach a log.
-        for i, url in enumerate(self.mirrors):
+        has_download = self.mirrors is not None or self.files is not None
+        if self.folder is not None and has_download:
+            raise ValueError("give either folder (a DVC-tracked folder) or mirrors and files (an archive), not both")
+        if self.folder is None and (self.mirrors is None or self.files is None):
+            need = "folder, or mirrors and files" if self.format == "folder" else "mirrors and files"
+            raise ValueError(f"{need} required (where the data comes from)")
+        if self.format == "folder" and self.files is not None and len(self.files) != 1:
+            raise ValueError("files: an image folder comes as one tar or zip archive; name exactly one file")
+        for i, url in enumerate(self.mirrors or []):
             if USERINFO.match(url):
                 masked = USERINFO.sub(r"\1***@", url)
                 raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
                                  "mirrors must not need credentials")
         stored: dict[str, str] = {}
-        for name in self.files:
+        for name in self.files or {}:
             if not PLAIN_NAME.fullmatch(name):
                 raise ValueError(f"files: {name!r} is not a plain file name "
                                  "(letters, digits, '.', '_', '+', '-'; no directories)")
@@ -104,7 +182,10 @@ class DatasetSourceConfig(Section):
             if plain in stored:
                 raise ValueError(f"files: {stored[plain]!r} and {name!r} would both be stored as {plain!r}")
             stored[plain] = name
-        return self
+        if self.format == "folder" and self.files is not None:
+            (name,) = self.files
+            if not name.removesuffix(".gz").endswith((".tar", ".tgz", ".zip")):
+                raise ValueError(f"files: {name!r} is not a .tar, .tar.gz, .tgz or .zip archive")
 
 
 class PreprocessConfig(Section):
@@ -326,31 +407,50 @@ def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
 
 
 def load_dataset_name(params: dict[str, Any] | None = None) -> str:
-    """`download.dataset` alone, for stages that read only which data set it is."""
+    """`download.dataset` alone (a key of `datasets`), for stages that read only which data set it is."""
     params = read_params() if params is None else params
     name = _section(params, "download.dataset", PARAMS_FILE.name)
-    if not isinstance(name, str) or name not in DATASET_CHOICES:
-        raise ConfigError(f"download.dataset: got {name!r}: must be one of {', '.join(map(repr, DATASET_CHOICES))}")
+    known = [str(k) for k in _datasets(params)]
+    if not isinstance(name, str) or name not in known:
+        raise ConfigError(f"download.dataset: got {name!r}: must be a key of datasets "
+                          f"({', '.join(known)}){_closest(str(name), known)}")
     return name
 
 
-def load_source(name: str, params: dict[str, Any] | None = None) -> DatasetSourceConfig:
-    """`datasets.<name>`: the mirrors and checksums of one data set."""
-    return load_section(f"datasets.{name}", DatasetSourceConfig, params)
+def load_dataset(name: str, params: dict[str, Any] | None = None) -> DatasetConfig:
+    """`datasets.<name>`: where one data set comes from and how to read it."""
+    return load_section(f"datasets.{name}", DatasetConfig, params)
 
 
-def _validate_sources(params: dict[str, Any], chosen: str) -> None:
+def _datasets(params: dict[str, Any]) -> dict[Any, Any]:
+    sources = _section(params, "datasets", PARAMS_FILE.name)
+    if not isinstance(sources, dict) or not sources:
+        raise ConfigError("datasets: expected a non-empty mapping of data set name -> description")
+    return sources
+
+
+def _validate_datasets(params: dict[str, Any], chosen: str) -> None:
     # The chosen data set's entry first (its error is the one that stops this run), then the
     # others, so a typo in an entry not used today still fails now rather than on the switch.
-    load_source(chosen, params)
-    sources = params["datasets"]
-    for name in sources:
-        if name not in DATASET_CHOICES:
-            shown = str(name) if str(name).isprintable() else repr(str(name))
-            raise ConfigError(f"datasets.{shown}: unknown data set{_closest(str(name), list(DATASET_CHOICES))} "
-                              f"(known: {', '.join(DATASET_CHOICES)})")
+    load_dataset(chosen, params)
+    for name in _datasets(params):
+        # A name becomes a folder under data/ and a tag value: only plain names.
+        if not (isinstance(name, str) and PLAIN_NAME.fullmatch(name)):
+            raise ConfigError(f"datasets.{_shown(name)}: not a usable data set name "
+                              "(letters, digits, '.', '_', '+' and '-', starting with a letter or digit)")
         if name != chosen:
-            load_source(name, params)
+            load_dataset(name, params)
+
+
+def _check_overrides_leave_a_use(params: dict[str, Any], names: list[str]) -> None:
+    """A key of `train` that every model overrides moves nothing: `-S train.<key>=...` would rerun
+    every model and change none. Such a value belongs under the models, not in `train`."""
+    base = _section(params, "train", PARAMS_FILE.name)
+    overrides = [load_model(name, params).train for name in names]
+    for key in base:
+        if all(key in o for o in overrides):
+            raise ConfigError(f"train.{_shown(key)}: every model overrides it ({', '.join(names)}), so it changes "
+                              f"nothing; set models.<name>.train.{_shown(key)} instead, or remove an override")
 
 
 def model_names(params: dict[str, Any] | None = None) -> list[str]:
@@ -370,12 +470,13 @@ def model_names(params: dict[str, Any] | None = None) -> list[str]:
 def validate_all(params: dict[str, Any] | None = None) -> list[str]:
     """Validate every section at once; return the model names. Raises the first ConfigError."""
     params = read_params() if params is None else params
-    download = load_section("download", DownloadConfig, params)
-    _validate_sources(params, download.dataset)
+    load_section("download", DownloadConfig, params)
+    _validate_datasets(params, load_dataset_name(params))
     load_section("preprocess", PreprocessConfig, params)
     names = model_names(params)
     for name in names:
         load_train(name, params)
+    _check_overrides_leave_a_use(params, names)
     load_section("evaluate", EvaluateConfig, params)
     load_section("report", ReportConfig, params)
     load_section("mlflow", MlflowConfig, params)

@@ -38,10 +38,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from imgclf import checkpoint, cli, paths, tracking
 from imgclf.atomic import write_text
+from imgclf.data import images
+from imgclf.data.images import DEFAULT_RESIZE
 from imgclf.errors import ConfigError, DataError, TrackingError
 from imgclf.models import Classifier
 
@@ -66,6 +67,7 @@ class Predictor:
     in_shape: tuple[int, int, int]
     classes: list[str]  # empty when a logged model does not name them: indices are used then
     probabilities: Callable[[np.ndarray], np.ndarray]
+    resize: str = DEFAULT_RESIZE  # how the training images were resized (imgclf.data.images)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,32 +96,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # --- images -----------------------------------------------------------------------------------
 
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-
-
-def to_pixels(img: Image.Image, in_shape: tuple[int, int, int], invert: bool = False) -> np.ndarray:
-    """One decoded image as the model's raw input: uint8 (C, H, W)."""
-    channels, height, width = in_shape
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit gray (PNG): PIL's convert("L") clips everything above 255 to white; scale instead.
-        high = np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8
-        img = Image.fromarray(high.astype(np.uint8), "L")
-    if _has_alpha(img):
-        # A transparent pixel's colour is arbitrary (often white): it is background, and the
-        # model's background is black, so it must come out black after the optional inversion.
-        background = (255, 255, 255, 255) if invert else (0, 0, 0, 255)
-        img = Image.alpha_composite(Image.new("RGBA", img.size, background), img.convert("RGBA"))
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.uint8)
-    if invert:
-        pixels = 255 - pixels
-    pixels = pixels[np.newaxis] if channels == 1 else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels)
-
-
 def check_files(images: Sequence[Path]) -> None:
     """Fail on a missing path before a model is loaded (loading from MLflow takes seconds)."""
     for path in images:
@@ -129,30 +105,28 @@ def check_files(images: Sequence[Path]) -> None:
             raise DataError(f"{path}: is a directory (give PNG or JPEG image files, e.g. {path}/*.png)")
 
 
-def load_pixels(path: Path, in_shape: tuple[int, int, int], invert: bool = False) -> np.ndarray:
+def load_pixels(path: Path, in_shape: tuple[int, int, int], invert: bool = False,
+                resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Read one PNG or JPEG file as the model's raw input: uint8 (C, H, W)."""
     try:
-        with Image.open(path, formats=FORMATS) as img:
-            img.load()
-            # Cameras store pixels sideways and say so in EXIF; the model wants them upright.
-            return to_pixels(ImageOps.exif_transpose(img), in_shape, invert)
+        return images.decode(path, in_shape, invert, resize, formats=FORMATS)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (give PNG or JPEG image files)") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory (give PNG or JPEG image files)") from None
     except PermissionError:
         raise DataError(f"{path}: not readable (permission denied)") from None
-    except Image.UnidentifiedImageError:
-        raise DataError(f"{path}: not a PNG or JPEG image (those are the formats allowed)") from None
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: too many pixels to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # PIL reports damaged files as any of these (SyntaxError: "broken PNG file").
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: damaged or truncated image ({reason})") from None
+    except images.ImageError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 # --- models -----------------------------------------------------------------------------------
+
+def _check_resize(resize: Any, source: str) -> str:
+    if resize not in images.RESIZE_POLICIES:
+        raise DataError(f"{source}: resize policy {resize!r} is not one of {', '.join(images.RESIZE_POLICIES)}")
+    return str(resize)
+
 
 def _check_in_shape(shape: Any, source: str) -> tuple[int, int, int]:
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
@@ -188,7 +162,8 @@ def from_checkpoint(path: Path) -> Predictor:
         with torch.inference_mode():
             return classifier(torch.from_numpy(pixels)).numpy()
 
-    return Predictor(str(path), _check_in_shape(state["in_shape"], str(path)), list(state["classes"]), probabilities)
+    return Predictor(str(path), _check_in_shape(state["in_shape"], str(path)), list(state["classes"]), probabilities,
+                     _check_resize(state.get("resize", DEFAULT_RESIZE), str(path)))
 
 
 def _check_store(store: str) -> None:
@@ -260,7 +235,8 @@ def from_mlflow(uri: str) -> Predictor:
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return np.asarray(model.predict(pixels), dtype=np.float32)
 
-    return Predictor(uri, _check_in_shape(shape, uri), list(classes), probabilities)
+    return Predictor(uri, _check_in_shape(shape, uri), list(classes), probabilities,
+                     _check_resize(extra.get("resize", DEFAULT_RESIZE), uri))
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -321,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     predictor = load_predictor(args)
     if predictor.classes and args.top_k is not None:
         _check_top_k(args.top_k, len(predictor.classes))
-    pixels = np.stack([load_pixels(path, predictor.in_shape, args.invert) for path in images])
+    pixels = np.stack([load_pixels(path, predictor.in_shape, args.invert, predictor.resize) for path in images])
     probs = np.concatenate([predictor.probabilities(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
     if probs.ndim != 2 or len(probs) != len(images):
         raise DataError(f"{predictor.source}: returned shape {tuple(probs.shape)} for {len(images)} images, "

@@ -39,7 +39,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "confusion.json": {"classes": list, "counts": list},
     "misclassified.json": {},
 }
-DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+# Past this many classes a figure per class (samples, per-class bars, confusion matrix) is no
+# longer readable: the report shows the hardest classes and the most confused pairs instead.
+MANY_CLASSES = 30
+TOP_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,73 @@ def _mistakes(m: ModelResults, slug: str, test: Split, classes: list[str]) -> li
     return [("p", "No mistakes were kept (evaluate.top_misclassified is 0).")]
 
 
+def _version(meta: dict[str, Any]) -> str:
+    version = meta.get("version") or {}
+    for key in ("dvc_md5", "checksum", "content_sha256", "checksums"):
+        if version.get(key):
+            return f"{key} {str(version[key])[:16]}"
+    return "not recorded"
+
+
+def _split_rule(meta: dict[str, Any]) -> str:
+    return "by content hash" if meta.get("format") == "folder" else "stratified by class"
+
+
+def _data_blocks(meta: dict[str, Any], train: Split, cfg: ReportConfig) -> list[tuple[Any, ...]]:
+    classes, per_class = list(meta["classes"]), meta.get("counts_per_class") or {}
+    source = meta.get("source") or {}
+    where = source.get("repo") or source.get("path") or ", ".join(source.get("mirrors", [])[:1]) or "unknown"
+    blocks: list[tuple[Any, ...]] = [
+        ("p", f"Version: {_version(meta)} (source: {source.get('kind', 'unknown')}, {where}).")]
+    skipped, duplicates = meta.get("skipped") or [], int(meta.get("duplicates") or 0)
+    if skipped or duplicates:
+        listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:TOP_ROWS])
+        more = f" and {len(skipped) - TOP_ROWS} more" if len(skipped) > TOP_ROWS else ""
+        blocks.append(("p", f"{len(skipped)} bad file(s) skipped{': ' + listed + more if skipped else ''}. "
+                            f"{duplicates} exact duplicate file(s) left out (each kept once, in one split)."))
+    if per_class:
+        splits = [s for s in ("train", "val", "test") if s in per_class]
+        rows = [[c, *(f"{per_class[s].get(c, 0):,}" for s in splits)] for c in classes]
+        if len(rows) > MANY_CLASSES:
+            rows = sorted(rows, key=lambda r: int(r[1].replace(",", "")))[:TOP_ROWS]
+            blocks.append(("p", f"The {TOP_ROWS} classes with the fewest training images "
+                                "(data/processed/manifest.csv lists every image):"))
+        blocks.append(("table", ["Class", *splits], rows, "l" + "r" * len(splits)))
+    shown = classes[:MANY_CLASSES]
+    keep = np.isin(train.labels, np.arange(len(shown)))
+    caption = f"The first {cfg.samples_per_class} training images of each class" + (
+        f" (the first {MANY_CLASSES} of {len(classes)} classes)." if len(classes) > MANY_CLASSES else ".")
+    blocks.append(("img", "samples.png", caption,
+                   plots.sample_grid(train.images[keep], train.labels[keep], shown, cfg.samples_per_class)))
+    return blocks
+
+
+def _per_class_blocks(per_class: dict[str, dict[str, float]], classes: list[str], names: list[str],
+                      best: str) -> list[tuple[Any, ...]]:
+    if len(classes) <= MANY_CLASSES:
+        return [("img", "per_class.png", "Test accuracy of each model on each class.",
+                 plots.per_class_accuracy(per_class, classes)),
+                ("table", ["Class", *names], [[c, *(_pct(per_class[n][c]) for n in names)] for c in classes],
+                 "l" + "r" * len(names))]
+    hardest = sorted(classes, key=lambda c: per_class[best][c])[:TOP_ROWS]
+    return [("p", f"The {TOP_ROWS} classes {best} finds hardest (metrics/<model>/test.json has every class):"),
+            ("table", ["Class", *names], [[c, *(_pct(per_class[n][c]) for n in names)] for c in hardest],
+             "l" + "r" * len(names))]
+
+
+def _confusion_blocks(m: ModelResults, slug: str, classes: list[str]) -> list[tuple[Any, ...]]:
+    if len(classes) <= MANY_CLASSES:
+        return [("h3", m.name),
+                ("p", "Rows are the actual class, columns the predicted class; the diagonal holds the correct answers."),
+                ("img", f"confusion_{slug}.png", f"Confusion matrix of {m.name} on the test set.",
+                 plots.confusion_matrix(m.confusion, classes, f"{m.name}: test set"))]
+    off = m.confusion.copy()
+    np.fill_diagonal(off, 0)
+    pairs = [divmod(int(i), len(classes)) for i in np.argsort(-off, axis=None, kind="stable")[:TOP_ROWS]]
+    rows = [[classes[a], classes[p], f"{int(off[a, p]):,}"] for a, p in pairs if off[a, p] > 0]
+    return [("h3", m.name), ("table", ["Actual", "Predicted", "Test images"], rows, "llr")]
+
+
 def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None]) -> list[tuple[Any, ...]]:
     """The report as a list of (kind, ...) blocks; ("img", file, caption, png) carries its figure."""
     meta, models, train, test = inputs.meta, inputs.models, inputs.train, inputs.test
@@ -218,14 +288,12 @@ def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | 
     wrong = int(np.count_nonzero(best.predicted[:n_grid] != test.labels[:n_grid]))
     torch_versions = sorted({str(m.timing["torch"]) for m in models})
     return [
-        ("h1", f"{DATASET_NAMES.get(meta['dataset'], meta['dataset'])}: {_and(names)}"),
+        ("h1", f"{meta.get('title') or meta['dataset']}: {_and(names)}"),
         ("p", f"{counts.get('train', 0):,} training, {counts.get('val', 0):,} validation and "
               f"{counts.get('test', 0):,} test images of {'×'.join(map(str, meta['shape']))} pixels "
               f"in {len(classes)} classes."),
         ("h2", "How the two models see an image"), *_teaching(list(meta["shape"])),
-        ("h2", "The data"),
-        ("img", "samples.png", f"The first {cfg.samples_per_class} training images of each class.",
-         plots.sample_grid(train.images, train.labels, classes, cfg.samples_per_class)),
+        ("h2", "The data"), *_data_blocks(meta, train, cfg),
         ("h2", "Model comparison"),
         ("table", ["Model", "Parameters", "Best epoch", "Val accuracy", "Test accuracy", "Test loss",
                    "Training time (s)", "Images/s", "Threads / precision", "MLflow run"], comparison, "lrrrrrrrll"),
@@ -236,16 +304,9 @@ def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | 
         ("img", "curves.png", "Loss and accuracy per epoch: dashed lines are the training split, solid lines "
          "the validation split.", plots.training_curves({m.name: m.history for m in models})),
         ("h2", "Accuracy per class"),
-        ("img", "per_class.png", "Test accuracy of each model on each class.",
-         plots.per_class_accuracy(per_class, classes)),
-        ("table", ["Class", *names], [[c, *(_pct(per_class[n][c]) for n in names)] for c in classes],
-         "l" + "r" * len(names)),
-        ("h2", "Confusion matrices"),
-        ("p", "Rows are the actual class, columns the predicted class; the diagonal holds the correct answers."),
-        *[block for m, slug in zip(models, slugs) for block in (
-            ("h3", m.name),
-            ("img", f"confusion_{slug}.png", f"Confusion matrix of {m.name} on the test set.",
-             plots.confusion_matrix(m.confusion, classes, f"{m.name}: test set")))],
+        *_per_class_blocks(per_class, classes, names, best.name),
+        ("h2", "Confusion matrices" if len(classes) <= MANY_CLASSES else "Most confused classes"),
+        *[block for m, slug in zip(models, slugs) for block in _confusion_blocks(m, slug, classes)],
         ("h2", "Predictions on test images"),
         ("img", "predictions.png", f"The first {n_grid} test images as classified by {best.name}, the model "
          "with the highest test accuracy: predicted class with the actual class in brackets, green when right, "
@@ -253,8 +314,9 @@ def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | 
          plots.prediction_grid(test.images, test.labels, best.predicted, classes, n_grid)),
         ("h2", "Most confident mistakes"),
         *[block for m, slug in zip(models, slugs) for block in (("h3", m.name), *_mistakes(m, slug, test, classes))],
-        ("footer", f"Data set: {meta['dataset']}. Validation split: {meta['val_fraction']:g} of the training "
-                   f"images, stratified by class, seed {meta['seed']}. Normalization: mean "
+        ("footer", f"Data set: {meta['dataset']}, version {_version(meta)}. Validation split: "
+                   f"{meta['val_fraction']:g} of the training images, {_split_rule(meta)}, seed {meta['seed']}. "
+                   "Normalization: mean "
                    f"{', '.join(f'{v:g}' for v in meta['mean'])}, std {', '.join(f'{v:g}' for v in meta['std'])} "
                    f"(training split, per channel). PyTorch {', '.join(torch_versions)}. "
                    f"Report by imgclf {__version__}."),

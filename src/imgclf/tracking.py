@@ -150,6 +150,78 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
     return tags
 
 
+def source_version(meta: dict[str, Any]) -> str:
+    """The version of the data set itself (before preprocessing): the DVC hash of an image
+    folder, an archive's checksum, or a digest of the built-in files' checksums."""
+    version = meta.get("version") or {}
+    for key in ("dvc_md5", "checksum", "content_sha256", "checksums"):
+        if version.get(key):
+            return str(version[key])
+    return "unknown"
+
+
+def log_data(meta: dict[str, Any], context: str) -> None:
+    """Record the run's data with MLflow's dataset tracking (the run's Datasets panel): name,
+    digest (the source's version and the processed data's DVC hash), source, and a profile of
+    images per class and split."""
+    import mlflow
+    from mlflow.data.dataset import Dataset
+    from mlflow.data.dataset_source import DatasetSource
+
+    class Source(DatasetSource):
+        def __init__(self, info: dict[str, Any]):
+            self._info = info
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "dvc"
+
+        def load(self, **kwargs: Any) -> Any:
+            raise NotImplementedError("fetch the data with `dvc pull` or `dvc import`")
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> Source:
+            return cls(raw_source)
+
+        def to_dict(self) -> dict[str, Any]:
+            return self._info
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> Source:
+            return cls(source_dict)
+
+    processed = data_version()
+    profile = {"version": meta.get("version", {}), "processed_dvc_md5": processed,
+               "counts": meta.get("counts", {}), "counts_per_class": meta.get("counts_per_class", {}),
+               "duplicates": meta.get("duplicates", 0), "skipped": len(meta.get("skipped", []))}
+
+    class Data(Dataset):
+        def _compute_digest(self) -> str:
+            return ""
+
+        @property
+        def profile(self) -> dict[str, Any]:
+            return profile
+
+        @property
+        def schema(self) -> None:
+            return None
+
+        def to_dict(self) -> dict[str, str]:
+            import json
+
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    # MLflow stores at most 36 characters of digest: both versions, shortened.
+    digest = f"{source_version(meta)[:17]}-{processed[:18]}"
+    mlflow.log_input(Data(Source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest), context=context)
+    mlflow.set_tags({"data_source_version": source_version(meta), "data_version": processed})
+
+
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'prefix.a.b': 1}; lists become their string form."""
     if isinstance(obj, dict):
@@ -207,7 +279,8 @@ def input_example(images: Any) -> Any:
     return np.ascontiguousarray(images[:4])
 
 
-def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] | None = None) -> None:
+def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] | None = None,
+              resize: str | None = None) -> None:
     """Log the servable model (normalization inside) with its signature and an input example.
 
     The class names travel in the model's metadata, so a client of `models:/<name>@champion`
@@ -228,12 +301,13 @@ def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] |
         # Pinned explicitly: inferring requirements would import-scan the environment (slow).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         code_paths=[str(src_dir)],
-        metadata={"classes": list(classes or []), "input_shape": list(example.shape[1:])},
+        metadata={"classes": list(classes or []), "input_shape": list(example.shape[1:]),
+                  **({"resize": resize} if resize else {})},
     )
 
 
 def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, example: Any, src_dir: Path,
-                        classes: list[str] | None = None) -> None:
+                        classes: list[str] | None = None, resize: str | None = None) -> None:
     """Log the model to the active run unless that run already has one (it lacks one when the
     model came from DVC's cache or a remote, or when logging failed after training)."""
     import mlflow
@@ -243,4 +317,4 @@ def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, exampl
     )
     if not existing:
         log.info("run %s has no logged model yet: logging it", run_id)
-        log_model(classifier, example, src_dir, classes)
+        log_model(classifier, example, src_dir, classes, resize)

@@ -133,6 +133,7 @@ def train_model(
             "train.world_size": ctx.world_size, "train.batch_per_process": per_process,
             "train.effective_batch": cfg.batch_size,
         })
+        tracking.log_data(meta, "training")
         started = time.perf_counter()
         history = fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize,
                       precision=precision, augmentation=augmentation,
@@ -169,7 +170,8 @@ def train_model(
                                 "train/seconds": train_seconds})
             best_model, state = checkpoint.load(checkpoint_path, arch)
             classifier = Classifier(best_model, state["mean"], state["std"])
-            tracking.log_model(classifier, tracking.input_example(val.images), src_dir, meta["classes"])
+            tracking.log_model(classifier, tracking.input_example(val.images), src_dir, meta["classes"],
+                               meta.get("resize"))
         except Exception as exc:  # noqa: BLE001 - any tracking failure (HTTP, SQL, disk) is handled alike
             # The model and metrics are already written: losing minutes of training to a
             # tracking hiccup helps nobody. The evaluate stage re-attaches the model to a run.

@@ -1,4 +1,4 @@
-"""Data sets known to the pipeline, the train/validation split, and the processed arrays.
+"""The processed arrays every data set becomes, the built-in sets' train/validation split, and loading.
 
 Processed data is plain `.npy` (uint8 images, int64 labels) plus `meta.json`: no pickles,
 byte-identical for the same inputs and seed, and loadable without this library.
@@ -9,45 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from imgclf.atomic import write_json
 from imgclf.errors import DataError
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    classes: tuple[str, ...]
-    # How data/raw holds it (imgclf.data.raw reads both): "idx", the four IDX files of the
-    # MNIST family; "cifar", CIFAR-10's binary tarball.
-    format: Literal["idx", "cifar"]
-    # `train.augment` for this data set: random shifts of up to `augment_shift` pixels (a
-    # zero-padded random crop), and horizontal flips only where a mirrored image keeps its
-    # class (clothes and CIFAR's objects yes, digits no).
-    augment_shift: int = 2
-    augment_flip: bool = True
-
-
-# The keys are the values `download.dataset` allows (tests/test_more_datasets.py checks both agree).
-DATASETS: dict[str, DatasetSpec] = {
-    # Flips only: on the 10-epoch CNN budget, 2-pixel shifts cost more accuracy (slower
-    # convergence) than they bought (measured by make bench's per-epoch test curves).
-    "fashion_mnist": DatasetSpec(
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        format="idx", augment_shift=0, augment_flip=True,
-    ),
-    "mnist": DatasetSpec(classes=tuple("0123456789"), format="idx", augment_shift=2, augment_flip=False),
-    # The pad-4 random crop and horizontal flip of the standard CIFAR-10 recipe (He et al. 2016).
-    "cifar10": DatasetSpec(
-        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        format="cifar", augment_shift=4, augment_flip=True,
-    ),
-}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data import cifar, idx
-from imgclf.data.dataset import DATASETS, Split, check_labels
+from imgclf.data.dataset import Split, check_labels
 from imgclf.errors import DataError
 
 IDX_FILES = {
@@ -21,15 +21,16 @@ IDX_FILES = {
 }
 
 
-def load_raw(raw_dir: Path, dataset: str) -> tuple[Split, Split, tuple[str, ...]]:
-    """Official train and test splits from data/raw, checked for shape and label range."""
-    spec = DATASETS[dataset]
-    if spec.format == "cifar":
-        (train_images, train_labels), (test_images, test_labels) = cifar.read(raw_dir / cifar.ARCHIVE, spec.classes)
-        train, test = Split(train_images, train_labels), Split(test_images, test_labels)
-    else:
-        train, test = (_read_idx(raw_dir, *IDX_FILES[split], len(spec.classes)) for split in ("train", "test"))
-    return train, test, spec.classes
+def load_raw(raw_dir: Path, format: str, classes: tuple[str, ...]) -> tuple[Split, Split]:
+    """Official train and test splits from data/raw, checked for shape and label range.
+
+    `format`: "idx", the four IDX files of the MNIST family; "cifar", CIFAR-10's binary tarball.
+    """
+    if format == "cifar":
+        (train_images, train_labels), (test_images, test_labels) = cifar.read(raw_dir / cifar.ARCHIVE, classes)
+        return Split(train_images, train_labels), Split(test_images, test_labels)
+    train, test = (_read_idx(raw_dir, *IDX_FILES[split], len(classes)) for split in ("train", "test"))
+    return train, test
 
 
 def _read_idx(raw_dir: Path, images_name: str, labels_name: str, n_classes: int) -> Split:

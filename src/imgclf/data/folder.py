@@ -1,0 +1,335 @@
+"""Image folders (one subfolder per class, the torchvision ImageFolder convention) read into
+the processed splits, with a split rule that survives data changes.
+
+Layout: `<root>/<class>/**/<image>`, or `<root>/train/<class>/...` plus `<root>/test/<class>/...`
+(then the test set is exactly test/). The root is a DVC-tracked folder, or a tar/zip archive
+read member by member (nothing is extracted to disk; links and escaping names are refused).
+
+Splits: each image's split comes from a hash of its *content* and the split seed alone, so
+adding, removing or relabelling other images never moves it, and exact duplicates (same bytes)
+always land together, which keeps test images out of training. Within a split only the first
+copy (by path) is used; the others are counted. Classes keep their proportions in expectation.
+
+Bad files (unreadable, truncated, empty, not an image, a decompression bomb, a link out of the
+folder, a file outside any class folder, one image filed under two classes) stop preprocessing
+with one line naming them, or with `bad_files: skip` are left out, counted and listed. Folder
+clutter (hidden files, .DS_Store, Thumbs.db, desktop.ini, __MACOSX) is ignored silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+import tarfile
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from imgclf.data.dataset import Split
+from imgclf.data.images import ImageError, decode
+from imgclf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CLUTTER = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
+SPLIT_DIRS = ("train", "test")
+MANIFEST_COLUMNS = ("path", "class", "split", "sha256", "note")
+_CHUNK = 32  # images per task sent to a decoding process
+
+
+def is_clutter(name: str) -> bool:
+    return name.startswith(".") or name in CLUTTER
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the tree: its path below the root, and why it cannot be used (if known yet)."""
+
+    path: str
+    problem: str | None = None
+
+
+@dataclass
+class Tree:
+    """What a folder or archive holds, and how to read one file's bytes."""
+
+    where: str
+    entries: list[Entry]
+    root: Path | None = None  # a folder: workers read files themselves
+    members: dict[str, bytes] = field(default_factory=dict)  # an archive: read up front
+
+    def job(self, path: str) -> Path | bytes:
+        return self.root / path if self.root is not None else self.members[path]
+
+
+def scan_folder(root: Path) -> Tree:
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (track it with `dvc add`, or `dvc pull` / `dvc import` it)")
+    real_root = root.resolve()
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not is_clutter(d))
+        for name in [d for d in dirnames if (here / d).is_symlink()]:
+            dirnames.remove(name)  # never walked into: it could loop or leave the folder
+            entries.append(Entry((here / name).relative_to(root).as_posix(), "a symlinked folder (not followed)"))
+        for name in sorted(f for f in filenames if not is_clutter(f)):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                entries.append(Entry(rel, "a symlink pointing outside the folder"))
+            elif not path.is_file():
+                entries.append(Entry(rel, "not a regular file"))
+            else:
+                entries.append(Entry(rel))
+    return Tree(str(root), sorted(entries, key=lambda e: e.path), root=root)
+
+
+def scan_archive(archive: Path) -> Tree:
+    """A tar (any compression) or zip archive's members, in memory."""
+    entries: list[Entry] = []
+    members: dict[str, bytes] = {}
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                    _add_member(entries, members, info.filename, info.is_dir(), is_link,
+                                lambda i=info: zf.read(i))
+        else:
+            with tarfile.open(archive, "r:*") as tar:
+                for m in tar:
+                    _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()),
+                                lambda m=m: tar.extractfile(m).read())
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise DataError(f"{archive.name}: not a readable tar or zip archive ({exc})") from None
+    entries.sort(key=lambda e: e.path)
+    # Archives usually wrap everything in one folder (photos/cats/1.jpg): a data set has at
+    # least two classes, so a single top-level folder is such a wrapper.
+    tops = {PurePosixPath(e.path).parts[0] for e in entries}
+    if len(tops) == 1 and all(len(PurePosixPath(e.path).parts) > 2 for e in entries) and tops.isdisjoint(SPLIT_DIRS):
+        (top,) = tops
+        cut = len(top) + 1
+        entries = [Entry(e.path[cut:], e.problem) for e in entries]
+        members = {k[cut:]: v for k, v in members.items()}
+    return Tree(archive.name, entries, members=members)
+
+
+def _add_member(entries: list[Entry], members: dict[str, bytes], name: str, is_dir: bool, is_link: bool,
+                read) -> None:
+    parts = PurePosixPath(name).parts
+    if is_dir or not parts or any(is_clutter(p) for p in parts):
+        return
+    if name.startswith(("/", "\\")) or ".." in parts:
+        entries.append(Entry(name, "a member path outside the archive"))
+    elif is_link:
+        entries.append(Entry(name, "a link or special member (never followed)"))
+    else:
+        path = PurePosixPath(*parts).as_posix()
+        members[path] = read()
+        entries.append(Entry(path))
+
+
+@dataclass(frozen=True)
+class Image:
+    path: str
+    label: str
+    split: str | None  # fixed by a train/test layout, else drawn from the hash
+
+
+def _labelled(tree: Tree) -> tuple[list[Image], list[tuple[str, str]]]:
+    """Each usable entry with its class (and fixed split); the problems found so far."""
+    problems = [(e.path, e.problem) for e in tree.entries if e.problem]
+    entries = [e for e in tree.entries if not e.problem]
+    tops = {PurePosixPath(e.path).parts[0] for e in entries if len(PurePosixPath(e.path).parts) > 1}
+    layout = bool(tops & set(SPLIT_DIRS))
+    if layout and not set(SPLIT_DIRS) <= tops:
+        have, lack = sorted(tops & set(SPLIT_DIRS))[0], sorted(set(SPLIT_DIRS) - tops)[0]
+        raise DataError(f"{tree.where}: has a top-level {have}/ but no {lack}/ (a split layout needs both "
+                        "train/ and test/, each with one folder per class)")
+    images = []
+    depth = 2 if layout else 1
+    for e in entries:
+        parts = PurePosixPath(e.path).parts
+        if len(parts) <= depth or (layout and parts[0] not in SPLIT_DIRS):
+            where = "train/ or test/ class folder" if layout else "class folder"
+            problems.append((e.path, f"outside any {where}"))
+            continue
+        images.append(Image(e.path, parts[depth - 1], parts[0] if layout else None))
+    return images, problems
+
+
+def _decode_job(job: tuple[Path | bytes, tuple[int, int, int], str]) -> tuple[str, np.ndarray | None, str | None]:
+    source, shape, resize = job
+    try:
+        data = source if isinstance(source, bytes) else source.read_bytes()
+        return hashlib.sha256(data).hexdigest(), decode(data, shape, resize=resize), None
+    except ImageError as exc:
+        return hashlib.sha256(data).hexdigest(), None, str(exc)
+    except OSError as exc:
+        return "", None, f"unreadable ({exc.strerror or exc})"
+
+
+def decode_all(tree: Tree, images: list[Image], shape: tuple[int, int, int], resize: str,
+               workers: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """(content SHA-256, pixels or None, problem or None) per image, in order, decoded on
+    `workers` processes; the output does not depend on how many."""
+    jobs = ((tree.job(img.path), shape, resize) for img in images)
+    bar = tqdm(total=len(images), desc=f"decode {tree.where}", unit="img", mininterval=1.0, leave=False)
+    if workers <= 1 or len(images) < 2 * _CHUNK:
+        results = map(_decode_job, jobs)
+        pool = None
+    else:
+        # fork: the workers need nothing but this module, already imported.
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_decode_job, jobs, chunksize=_CHUNK)
+    try:
+        for result in results:
+            bar.update()
+            yield result
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float | None) -> str:
+    """train / val / test for one image content; `test_fraction` None: the test set is fixed."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{sha256}".encode()).digest()[:8], "big") / 2**64
+    if test_fraction is not None:
+        if u < test_fraction:
+            return "test"
+        u = (u - test_fraction) / (1 - test_fraction)
+    return "val" if u < val_fraction else "train"
+
+
+@dataclass
+class FolderData:
+    splits: dict[str, Split]
+    classes: list[str]
+    manifest: str
+    skipped: list[dict[str, str]]
+    duplicates: int
+    content_sha256: str  # of the manifest's used rows: changes exactly when the data used changes
+    fixed_test: bool  # the folder has train/ and test/: its test set is test/
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    shape: tuple[int, int, int]
+    resize: str
+    val_fraction: float
+    test_fraction: float
+    test_fraction_given: bool
+    seed: int
+    skip_bad: bool
+    workers: int
+
+
+def read_tree(tree: Tree, plan: ReadPlan) -> FolderData:
+    images, problems = _labelled(tree)
+    layout = any(img.split for img in images)
+    if layout and plan.test_fraction_given:
+        raise DataError(f"{tree.where}: has train/ and test/ folders, so its test set is test/; "
+                        "remove test_fraction from its datasets entry")
+    decoded: dict[str, tuple[str, np.ndarray]] = {}
+    for img, (sha, pixels, problem) in zip(images, decode_all(tree, images, plan.shape, plan.resize, plan.workers)):
+        if problem:
+            problems.append((img.path, problem))
+        else:
+            decoded[img.path] = (sha, pixels)
+    good = [img for img in images if img.path in decoded]
+    problems += _conflicting_labels(good, decoded)
+    bad = {path for path, _ in problems}
+    if problems and not plan.skip_bad:
+        problems.sort()
+        names = "; ".join(f"{p}: {why}" for p, why in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{tree.where}: {len(problems)} bad file(s): {names}{more}; fix or remove them, "
+                        "or set bad_files: skip in its datasets entry to leave them out")
+    good = [img for img in good if img.path not in bad]
+    classes = sorted({img.label for img in good})
+    if len(classes) < 2:
+        raise DataError(f"{tree.where}: found {len(classes)} class folder(s) with usable images; "
+                        "a classifier needs at least 2 (one subfolder per class)")
+    return _assemble(tree, good, decoded, classes, sorted(problems), plan, layout)
+
+
+def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, np.ndarray]]) -> list[tuple[str, str]]:
+    by_sha: dict[str, list[Image]] = defaultdict(list)
+    for img in good:
+        by_sha[decoded[img.path][0]].append(img)
+    out = []
+    for copies in by_sha.values():
+        labels = sorted({c.label for c in copies})
+        if len(labels) > 1:
+            paths = ", ".join(c.path for c in copies)
+            out += [(c.path, f"the same image is filed under classes {', '.join(labels)} ({paths})") for c in copies]
+    return out
+
+
+def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, np.ndarray]], classes: list[str],
+              problems: list[tuple[str, str]], plan: ReadPlan, layout: bool) -> FolderData:
+    index = {c: i for i, c in enumerate(classes)}
+    test_fraction = None if layout else plan.test_fraction
+    # The test copy of an image wins over its training copies (so none of them trains), then the
+    # first by path.
+    order = sorted(good, key=lambda img: (img.split != "test", img.path))
+    first: dict[str, Image] = {}
+    rows, members = [], defaultdict(list)
+    for img in order:
+        sha = decoded[img.path][0]
+        kept = first.setdefault(sha, img)
+        split = "test" if (kept.split == "test") else split_of(sha, plan.seed, plan.val_fraction, test_fraction)
+        note = "" if kept is img else f"duplicate of {kept.path}"
+        rows.append((img.path, img.label, split, sha, note))
+        if kept is img:
+            members[split].append(img)
+    rows += [(path, "", "", "", f"skipped: {why}") for path, why in problems]
+    _check_every_class_split(tree, classes, members)
+    splits = {}
+    for name in ("train", "val", "test"):
+        chosen = sorted(members[name], key=lambda img: img.path)
+        images = np.stack([decoded[img.path][1] for img in chosen])
+        labels = np.array([index[img.label] for img in chosen], dtype=np.int64)
+        splits[name] = Split(images, labels)
+    rows.sort()
+    used = "".join(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\n" for r in rows if r[3] and not r[4])
+    duplicates = sum(1 for r in rows if r[4].startswith("duplicate"))
+    if duplicates:
+        log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
+                 tree.where, duplicates)
+    return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
+                      duplicates, hashlib.sha256(used.encode()).hexdigest(), layout)
+
+
+def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:
+    counts = {name: Counter(img.label for img in members[name]) for name in ("train", "val", "test")}
+    for c in classes:
+        have = {name: counts[name][c] for name in counts}
+        if not all(have.values()):
+            raise DataError(f"{tree.where}: class {c!r} has too few images to split (train {have['train']}, "
+                            f"val {have['val']}, test {have['test']}); every split needs at least one: "
+                            "add images or raise preprocess.val_fraction / test_fraction")
+
+
+def _manifest_csv(rows: list[tuple[str, ...]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def per_class_counts(splits: dict[str, Split], classes: list[str]) -> dict[str, dict[str, int]]:
+    return {name: {c: int(n) for c, n in zip(classes, np.bincount(s.labels, minlength=len(classes)))}
+            for name, s in splits.items()}
