@@ -127,10 +127,10 @@ def scan_archive(archive: Path) -> Tree:
 def _add_member(entries: list[Entry], members: dict[str, bytes], name: str, is_dir: bool, is_link: bool,
                 read) -> None:
     parts = PurePosixPath(name).parts
-    if is_dir or not parts or any(is_clutter(p) for p in parts):
-        return
-    if name.startswith(("/", "\\")) or ".." in parts:
+    if name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
         entries.append(Entry(name, "a member path outside the archive"))
+    elif is_dir or not parts or any(is_clutter(p) for p in parts):
+        return
     elif is_link:
         entries.append(Entry(name, "a link or special member (never followed)"))
     else:
