@@ -90,7 +90,8 @@ def copy_repo(dest: Path) -> None:
     ).stdout.split()
     for rel in files:
         src = ROOT / rel
-        if not src.is_file() or rel.startswith(("data/", "models/", "metrics/", "reports/")) or rel == "dvc.lock":
+        outputs = rel.startswith(("data/", "models/", "metrics/", "reports/")) and not rel.startswith("data/images/")
+        if not src.is_file() or outputs or rel == "dvc.lock":
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
