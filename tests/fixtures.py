@@ -133,6 +133,9 @@ def make_project(base: Path, update_params) -> Project:
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # `python -m imgclf.<tool>` in the copy runs the copy's code, not whatever checkout the
+        # environment's editable install points at (the stages see to this with _bootstrap).
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo / "src"), os.environ.get("PYTHONPATH")])),
         "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.org",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.org",

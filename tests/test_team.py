@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import ROOT, TINY, Project, git, make_project, set_params, tiny_project
+from fixtures import ROOT, TINY, Project, make_project, set_params, tiny_project
+from remotes import (MODELS, UP_TO_DATE, Published, check_teammate_is_ready, commit_all, copy_project, lock_outs,
+                     output, publish, teammate)
 from sshd import SSHDUnavailable, start_sshd
 
 from imgclf.benchmark import stages_in
 
 pytestmark = pytest.mark.slow
 
-MODELS = tuple(TINY["models"])
 ALL_STAGES = {"validate", "download", "preprocess", "report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
 # Outputs that hold wall-clock timings or MLflow run ids by design; everything else is
 # a pure function of code, params, data and thread count.
@@ -36,44 +37,6 @@ TEAM_DOC = ROOT / "docs" / "team.md"
 NO_REMOTE = "No remote provided and no default remote set."
 CHECKOUT_FAILED = "Checkout failed for following targets:"
 MISSING_CACHE = "Some of the cache files do not exist neither locally nor on remote. Missing cache files:"
-UP_TO_DATE = "Data and pipelines are up to date."
-
-
-def _output(proc) -> str:
-    return proc.stdout + proc.stderr
-
-
-def _commit_all(project: Project, message: str) -> None:
-    project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", message)
-    assert git(project.path, "status", "--porcelain") == "", "something was left uncommitted"
-
-
-def _copy(project: Project, dest: Path) -> Project:
-    """A full copy of a workspace (git history, outputs, .dvc/cache with its run cache)."""
-    shutil.copytree(project.path, dest, symlinks=True)
-    return Project(dest, project.env)
-
-
-def _lock_outs(repo: Path) -> dict[str, str]:
-    """{output path: hash} for every `outs` entry of every stage in dvc.lock."""
-    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
-
-
-def _teammate(origin: Project, dest: Path) -> Project:
-    """What a new teammate does: clone the repository, then put the remote's credentials
-    (handed over privately, never committed) into their own .dvc/config.local."""
-    git(origin.path.parent, "clone", "-q", str(origin.path), str(dest))
-    private = origin.path / ".dvc" / "config.local"
-    if private.exists():
-        shutil.copy2(private, dest / ".dvc" / "config.local")
-    return Project(dest, origin.env)
-
-
-def _run_cache_entries(repo: Path) -> list[str]:
-    runs = repo / ".dvc" / "cache" / "runs"
-    return sorted(str(p.relative_to(runs)) for p in runs.rglob("*") if p.is_file()) if runs.exists() else []
 
 
 def _documented(*messages: str) -> None:
@@ -87,7 +50,7 @@ def trained(tmp_path_factory):
     """The tiny pipeline, run once and committed (dvc.lock, git-tracked metrics, .gitignores)."""
     with tiny_project(tmp_path_factory.mktemp("team")) as proj:
         assert proj.repro() == ALL_STAGES
-        _commit_all(proj, "trained")
+        commit_all(proj, "trained")
         yield proj  # proj.tiny: the same params for a second project, while the mirror is served
 
 
@@ -96,7 +59,7 @@ def trained(tmp_path_factory):
 def test_two_runs_from_scratch_record_identical_output_hashes(trained, tmp_path):
     second = make_project(tmp_path, trained.tiny)  # its own copy, cache and MLflow store
     assert second.repro() == ALL_STAGES
-    first_outs, second_outs = _lock_outs(trained.path), _lock_outs(second.path)
+    first_outs, second_outs = lock_outs(trained.path), lock_outs(second.path)
     assert set(first_outs) == set(second_outs)
     assert VARY_BY_DESIGN <= set(first_outs)
     assert len(first_outs) >= 20  # every stage's outs, not a handful
@@ -120,12 +83,12 @@ class RunCacheCycle:
 
 @pytest.fixture(scope="module")
 def run_cache_cycle(trained, tmp_path_factory):
-    proj = _copy(trained, tmp_path_factory.mktemp("runcache") / "repo")
+    proj = copy_project(trained, tmp_path_factory.mktemp("runcache") / "repo")
     lr = yaml.safe_load((proj.path / "params.yaml").read_text())["train"]["lr"]
     set_params(proj.path, lambda p: p["train"].__setitem__("lr", lr / 2))
-    changed = _output(proj.run("dvc", "repro"))
+    changed = output(proj.run("dvc", "repro"))
     set_params(proj.path, lambda p: p["train"].__setitem__("lr", lr))
-    restored = _output(proj.run("dvc", "repro"))
+    restored = output(proj.run("dvc", "repro"))
     return RunCacheCycle(proj, changed, restored)
 
 
@@ -180,43 +143,15 @@ def test_reverted_param_restores_evaluation_from_run_cache(run_cache_cycle):
 
 # 3. Remotes -----------------------------------------------------------------------------
 
-@dataclass
-class Published:
-    alice: Project   # the workspace that trained and pushed
-    storage: Path    # where the remote keeps its objects, on this machine
-    push: str
-
-
-def _publish(trained: Project, workdir: Path, url: str, private: dict[str, str], storage: Path) -> Published:
-    alice = _copy(trained, workdir / "alice")
-    alice.run("dvc", "remote", "add", "-d", "team", url)
-    for key, value in private.items():
-        alice.run("dvc", "remote", "modify", "--local", "team", key, value)
-    _commit_all(alice, "add the team's DVC remote")
-
-    tracked = git(alice.path, "ls-files").splitlines()
-    assert ".dvc/config" in tracked and ".dvc/config.local" not in tracked, tracked
-    shared = (alice.path / ".dvc" / "config").read_text()
-    assert "remote = team" in shared and url in shared
-    for key in private:
-        assert f"{key} =" not in shared, f"{key} leaked into the committed .dvc/config:\n{shared}"
-    if private:
-        local = (alice.path / ".dvc" / "config.local").read_text()
-        assert all(f"{key} = {value}" in local for key, value in private.items()), local
-    if "keyfile" in private:
-        assert private["keyfile"] not in shared
-
-    push = _output(alice.run("dvc", "push", "--run-cache"))
-    assert (storage / "files" / "md5").is_dir(), push
-    assert (storage / "runs").is_dir(), push  # --run-cache sent the run cache too
-    return Published(alice, storage, push)
+def _files_under(storage: Path) -> list[str]:
+    return [str(p.relative_to(storage)) for p in storage.rglob("*") if p.is_file()]
 
 
 @pytest.fixture(scope="module")
 def local_remote(trained, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("local-remote")
     storage = workdir / "storage"
-    return _publish(trained, workdir, str(storage), {}, storage)
+    return publish(trained, workdir, str(storage), {}, storage, lambda: _files_under(storage))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +172,8 @@ def ssh_remote(trained, sshd_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ssh-remote")
     storage = workdir / "storage"
     private = {"user": sshd_server.user, "port": str(sshd_server.port), "keyfile": str(sshd_server.keyfile)}
-    published = _publish(trained, workdir, f"ssh://{sshd_server.host}{storage}", private, storage)
+    published = publish(trained, workdir, f"ssh://{sshd_server.host}{storage}", private, storage,
+                        lambda: _files_under(storage))
     assert "Accepted publickey for root" in sshd_server.log_text(), sshd_server.log_text()
     return published
 
@@ -246,28 +182,20 @@ def ssh_remote(trained, sshd_server, tmp_path_factory):
 def test_teammate_clones_and_pulls_everything_ready_to_use(kind, request, tmp_path):
     published: Published = request.getfixturevalue(f"{kind}_remote")
     alice = published.alice
-    bob = _teammate(alice, tmp_path / "bob")
+    bob = teammate(alice, tmp_path / "bob")
     assert not (bob.path / "models/cnn/model.pt").exists()  # a clone has no data of its own
 
     bob.run("dvc", "pull", "--run-cache")
-    assert UP_TO_DATE in bob.run("dvc", "status").stdout
-    assert bob.repro() == set()
-    compared = sorted(p.relative_to(alice.path) for p in alice.path.glob("metrics/*/test.json"))
-    compared.append(Path("reports/report.md"))
-    assert len(compared) == len(MODELS) + 1
-    for rel in compared:
-        assert (bob.path / rel).read_bytes() == (alice.path / rel).read_bytes(), rel
-    assert _lock_outs(bob.path) == _lock_outs(alice.path)
-    assert _run_cache_entries(bob.path) == _run_cache_entries(alice.path) != []
+    check_teammate_is_ready(alice, bob)
     if kind == "ssh":
         server = request.getfixturevalue("sshd_server")
         assert server.log_text().count("Accepted publickey for root") >= 2  # alice's push, bob's pull
 
 
 def test_pull_with_no_remote_configured_fails_and_says_so(trained, tmp_path):
-    carol = _teammate(trained, tmp_path / "carol")  # the repository before anyone added a remote
+    carol = teammate(trained, tmp_path / "carol")  # the repository before anyone added a remote
     proc = carol.run("dvc", "pull", check=False)
-    out = _output(proc)
+    out = output(proc)
     assert proc.returncode != 0, out
     assert NO_REMOTE in out, out
     assert CHECKOUT_FAILED in out and "models/cnn/model.pt" in out, out
@@ -275,10 +203,10 @@ def test_pull_with_no_remote_configured_fails_and_says_so(trained, tmp_path):
 
     # `make pull` runs the same pull, then says in one line what is missing and what to run.
     proc = carol.run("python", "-m", "imgclf.pull", check=False)
-    assert proc.returncode == 2, _output(proc)
+    assert proc.returncode == 2, output(proc)
     assert NO_REMOTE in proc.stderr  # DVC's own output still passes through
     last = proc.stderr.strip().splitlines()[-1]
-    missing = [p for p in _lock_outs(trained.path) if not (carol.path / p).exists()]
+    missing = [p for p in lock_outs(trained.path) if not (carol.path / p).exists()]
     assert "models/cnn/model.pt" in missing and "metrics/cnn/test.json" not in missing  # git brought metrics
     assert last.startswith(f"error: dvc pull: no DVC remote is configured, so {len(missing)} outputs are missing ("), last
     assert "`dvc remote add -d team <url>`" in last and "`dvc repro`" in last, last
@@ -289,15 +217,15 @@ def test_pull_from_a_remote_missing_an_object_names_the_output(local_remote, tmp
     # A copy of the team's storage with one object gone, as after an incomplete push.
     damaged = tmp_path / "damaged-storage"
     shutil.copytree(local_remote.storage, damaged)
-    md5 = _lock_outs(local_remote.alice.path)["models/cnn/model.pt"]
+    md5 = lock_outs(local_remote.alice.path)["models/cnn/model.pt"]
     obj = damaged / "files" / "md5" / md5[:2] / md5[2:]
     assert obj.is_file()
     obj.unlink()
 
-    dave = _teammate(local_remote.alice, tmp_path / "dave")
+    dave = teammate(local_remote.alice, tmp_path / "dave")
     dave.run("dvc", "remote", "modify", "--local", "team", "url", str(damaged))
     proc = dave.run("dvc", "pull", check=False)
-    out = _output(proc)
+    out = output(proc)
     assert proc.returncode != 0, out
     assert MISSING_CACHE in out and f"md5: {md5}" in out, out
     assert CHECKOUT_FAILED in out, out
@@ -308,7 +236,7 @@ def test_pull_from_a_remote_missing_an_object_names_the_output(local_remote, tmp
     _documented(MISSING_CACHE, CHECKOUT_FAILED)
 
     proc = dave.run("python", "-m", "imgclf.pull", check=False)
-    assert proc.returncode == 2, _output(proc)
+    assert proc.returncode == 2, output(proc)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: dvc pull: remote 'team' did not deliver models/cnn/model.pt (stage train@cnn): "), last
     assert "`dvc push --run-cache`" in last and last.endswith("`dvc repro train@cnn`"), last

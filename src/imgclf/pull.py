@@ -5,7 +5,10 @@ DVC's own messages name the missing paths but not the way out: with no remote co
 even prints "Everything is up to date." before failing. This wrapper runs the real `dvc pull`
 (its output passes through unchanged), then, only on failure, works out from the git-tracked
 `dvc.lock` and the workspace which outputs did not arrive, which stages produce them, and
-whether a remote is configured at all.
+whether a remote is configured at all. For an S3 remote it also tells apart the three ways the
+storage itself can fail, which DVC reports as a stack of ERROR lines or not at all: refused
+credentials, an endpoint that does not answer, and a bucket that does not exist (DVC then
+reports every object as "missing", as if nobody had pushed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from imgclf import cli
 from imgclf.errors import PipelineError
 
 SHOWN = 4  # missing paths named in the message; the rest are counted
+
+# botocore's words, as DVC 3.67 (dvc-s3 3.3) passes them on after "failed to connect to s3 (...) - "
+# or, when the run cache is pulled first, "unexpected error - ".
+S3_REFUSED = ("(403)", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+S3_UNREACHABLE = ("Could not connect to the endpoint URL", "Connect timeout on endpoint URL",
+                  "Read timeout on endpoint URL")
 
 
 class PullError(PipelineError):
@@ -59,13 +68,67 @@ def default_remote(root: Path) -> str | None:
     return name if proc.returncode == 0 and name else None
 
 
+def remote_settings(root: Path, remote: str) -> dict:
+    """The remote's settings as DVC resolves them (.dvc/config merged with config.local)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return dict(repo.config["remote"].get(remote, {}))
+
+
+def s3_bucket_missing(root: Path, remote: str, bucket: str) -> bool:
+    """Whether `bucket` does not exist, asked with the remote's own endpoint and credentials
+    (one request). Any other answer (refused, unreachable) is not this diagnosis."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        s3 = repo.cloud.get_remote(remote).fs.fs  # s3fs, set up exactly as for the pull
+        try:
+            s3.ls(bucket)
+        except FileNotFoundError:
+            return True
+        except OSError:  # how s3fs reports a refusal or a network error; DVC's output said which
+            return False
+    return False
+
+
+def _s3_problem(root: Path, remote: str, missing: list[str], dvc_errors: list[str]) -> str | None:
+    """The one-line explanation when an S3 remote's storage itself failed, or None."""
+    settings = remote_settings(root, remote)
+    url = settings.get("url", "")
+    if not url.startswith("s3://"):
+        return None
+    endpoint = settings.get("endpointurl") or "AWS S3"
+    where = f"remote {remote!r} ({url} at {endpoint})"
+    lost = f"{len(missing)} outputs are missing ({_listing(missing)})"
+    cause = next((e for e in dvc_errors if any(words in e for words in S3_REFUSED + S3_UNREACHABLE)), "")
+    said = cause.split(" - ", 1)[-1]
+    if any(word in cause for word in S3_REFUSED):
+        return (f"dvc pull: {where} refused this workspace's credentials ({said}), so {lost}: set the keys the "
+                f"team gave you with `dvc remote modify --local {remote} access_key_id <id>` and "
+                f"`dvc remote modify --local {remote} secret_access_key <key>` (or `profile <name>`, or the AWS_* "
+                "environment variables; see docs/team.md), then `make pull`")
+    if any(words in cause for words in S3_UNREACHABLE):
+        return (f"dvc pull: {where} does not answer ({said}), so {lost}: check that the address is right "
+                f"(`dvc remote modify {remote} endpointurl <url>`), that the server is up and that your network "
+                "or VPN reaches it, then `make pull`")
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    if missing and s3_bucket_missing(root, remote, bucket):
+        return (f"dvc pull: {where}: bucket {bucket!r} does not exist there, so {lost}: correct the bucket "
+                f"(`dvc remote modify {remote} url s3://<bucket>/<prefix>`, in .dvc/config, committed) or, if "
+                f"you are setting the remote up, create {bucket!r} and `dvc push --run-cache` into it; "
+                "then `make pull`")
+    return None
+
+
 def _listing(paths: list[str]) -> str:
     shown = ", ".join(paths[:SHOWN])
     return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
 
 
-def diagnose(root: Path, remote: str | None, dvc_error: str) -> str:
-    """The one-line explanation of a failed pull; `dvc_error` is DVC's last ERROR line."""
+def diagnose(root: Path, remote: str | None, dvc_errors: list[str]) -> str:
+    """The one-line explanation of a failed pull; `dvc_errors` are DVC's ERROR lines, in order."""
+    dvc_error = dvc_errors[-1] if dvc_errors else ""
     produced_by = locked_outputs(root)
     missing = sorted(p for p in produced_by if not (root / p).exists())
     stages = sorted({produced_by[p] for p in missing})
@@ -74,6 +137,9 @@ def diagnose(root: Path, remote: str | None, dvc_error: str) -> str:
                 f"({_listing(missing)}): `git pull` the commit that adds the team's remote, or add it with "
                 "`dvc remote add -d team <url>` (credentials with `dvc remote modify --local`; see docs/team.md), "
                 "then `make pull`; or rebuild everything here with `dvc repro`")
+    storage = _s3_problem(root, remote, missing, dvc_errors)
+    if storage:
+        return storage
     if not missing:
         # Everything is in the workspace; DVC failed on something else (the run cache, a lock).
         return f"dvc pull failed, though every output of dvc.lock is present: {dvc_error or 'see the DVC output above'}"
@@ -86,9 +152,8 @@ def diagnose(root: Path, remote: str | None, dvc_error: str) -> str:
             f"or rebuild it here with `dvc repro {' '.join(stages)}`")
 
 
-def _last_error(output: str) -> str:
-    errors = [line.removeprefix("ERROR: ").strip() for line in output.splitlines() if line.startswith("ERROR:")]
-    return errors[-1] if errors else ""
+def _errors(output: str) -> list[str]:
+    return [line.removeprefix("ERROR: ").strip() for line in output.splitlines() if line.startswith("ERROR:")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.write(proc.stderr)
     if proc.returncode == 0:
         return
-    raise PullError(diagnose(root, args.remote or default_remote(root), _last_error(proc.stdout + proc.stderr)))
+    raise PullError(diagnose(root, args.remote or default_remote(root), _errors(proc.stdout + proc.stderr)))
 
 
 if __name__ == "__main__":
