@@ -60,11 +60,13 @@ else
     scheme=http
 fi
 
+# "not set" or "too short (N characters)": the length of a secret, never the secret itself.
+unfit() { ((${#1} == 0)) && echo "not set" || echo "too short (${#1} characters)"; }
 if [[ "$auth" == on ]]; then
     password="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
-    ((${#password} >= 12)) || die "MLFLOW_AUTH_ADMIN_PASSWORD is ${password:+too short (${#password} characters)}${password:-not set}; set it to the admin's password, at least 12 characters (or MLFLOW_AUTH=off, loopback only)"
+    ((${#password} >= 12)) || die "MLFLOW_AUTH_ADMIN_PASSWORD is $(unfit "$password"); set it to the admin's password, at least 12 characters (or MLFLOW_AUTH=off, loopback only)"
     secret="${MLFLOW_FLASK_SERVER_SECRET_KEY:-}"
-    ((${#secret} >= 32)) || die "MLFLOW_FLASK_SERVER_SECRET_KEY is ${secret:+too short (${#secret} characters)}${secret:-not set}; set it to at least 32 random characters, e.g. \$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    ((${#secret} >= 32)) || die "MLFLOW_FLASK_SERVER_SECRET_KEY is $(unfit "$secret"); set it to at least 32 random characters, e.g. \$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
     export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
 fi
 
