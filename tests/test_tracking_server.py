@@ -13,42 +13,27 @@ import os
 import secrets
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
 import pytest
 
 from dvcqueue import check_experiment_runs, run_queued
-from fixtures import BIN, ROOT, TINY, stop_session, tiny_project
+from fixtures import BIN, ROOT, TINY, tiny_project
 from imgclf import tracking
 from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
-from pgserver import SUPERUSER, PgServer, free_port, start_postgres
-from tlscerts import make_certificates
-
-SCRIPT = ROOT / "scripts" / "mlflow_server.sh"
+from pgserver import SUPERUSER, free_port, start_postgres
+from teamserver import SCRIPT, TeamServer, new_secret, script_env, start_team_server
 EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
 
 
-def _secret() -> str:
-    """A password made at run time (the credential scan of tracked files stays clean)."""
-    return secrets.token_urlsafe(18)
-
-
-def _script_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", **extra)
-    return env
-
-
 def _auth_env(**extra: str) -> dict[str, str]:
     """What the script needs to start an authenticated server, besides the database."""
-    return _script_env(MLFLOW_AUTH_ADMIN_PASSWORD=_secret(), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+    return script_env(MLFLOW_AUTH_ADMIN_PASSWORD=new_secret(), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
                        **extra)
 
 
@@ -78,7 +63,7 @@ def fake_mlflow(tmp_path):
 
 
 def test_server_script_needs_a_backend_store_uri(tmp_path):
-    proc = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=_script_env(), capture_output=True, text=True,
+    proc = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
@@ -91,7 +76,7 @@ def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
     """What the script hands to `mlflow server`: the driver named, the basic-auth app, allowed
     hosts for the loopback port, and a 0600 auth config naming the runs' own database, removed
     when the server exits; the database password never in its output."""
-    login = "team:" + _secret()
+    login = "team:" + new_secret()
     env = _auth_env(MLFLOW_BACKEND_STORE_URI=f"postgresql://{login}@db.example.org:5432/mlflow")
     proc = fake_mlflow(env, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
@@ -113,7 +98,7 @@ def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
 
 def test_server_script_without_auth_only_on_loopback(fake_mlflow, tmp_path):
     db = f"postgresql://{SUPERUSER}@127.0.0.1:5432/mlflow"
-    proc = fake_mlflow(_script_env(MLFLOW_BACKEND_STORE_URI=db, MLFLOW_AUTH="off", MLFLOW_PORT="5001"))
+    proc = fake_mlflow(script_env(MLFLOW_BACKEND_STORE_URI=db, MLFLOW_AUTH="off", MLFLOW_PORT="5001"))
     assert proc.returncode == 0, proc.stderr
     assert "--app-name" not in proc.stdout.splitlines() and "mode" not in proc.stdout
     assert "authentication off" in proc.stderr
@@ -147,23 +132,6 @@ def test_server_script_refuses_an_unsafe_setup_in_one_line(fake_mlflow, env, mes
     assert proc.stdout == ""  # mlflow never started
 
 
-@dataclass
-class Server:
-    url: str
-    artifacts: Path
-    log: Path
-    pg: PgServer
-    ca: Path
-    admin: tuple[str, str]
-    users: dict[str, str]  # user name -> password; "editor" may EDIT, "reader" may READ
-
-    def env(self, user: str = "editor", **extra: str) -> dict[str, str]:
-        """What a client of this server sets: its URI, the CA, and `user`'s credentials."""
-        password = self.admin[1] if user == self.admin[0] else self.users[user]
-        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca),
-                "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password, **extra}
-
-
 @pytest.fixture(scope="module")
 def postgres(request):
     pg = start_postgres()
@@ -171,58 +139,14 @@ def postgres(request):
     return pg
 
 
-def _wait_for_https(proc: subprocess.Popen, url: str, ca: Path, log: Path, timeout_s: float = 180) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5, context=context) as response:
-                if response.read().strip() == b"OK":
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"mlflow server did not answer /health in {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-
-
-def _add_user(server: Server, user: str, permission: str, cwd: Path) -> None:
-    """What `make mlflow-user MLFLOW_USER=<user> PERMISSION=<permission>` runs, as the admin."""
-    env = {**_script_env(PYTHONPATH=str(ROOT / "src")), **server.env(server.admin[0]),
-           "MLFLOW_NEW_USER_PASSWORD": server.users[user]}
-    proc = subprocess.run([str(BIN / "python"), "-m", "imgclf.users", user, "--permission", permission], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    assert f"user '{user}' created with {permission} on experiment '{EXPERIMENT}'" in proc.stderr, proc.stderr
-
-
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory, request):
-    """The script's server on a free loopback port, over HTTPS with a throwaway CA, users in
-    PostgreSQL: an admin, an editor and a reader (added the way `make mlflow-user` does)."""
-    work = tmp_path_factory.mktemp("server")
-    certs = make_certificates(work / "tls")
-    port = free_port()
-    admin = ("admin", _secret())
-    env = _script_env(MLFLOW_BACKEND_STORE_URI=postgres.uri, MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"),
-                      MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), MLFLOW_AUTH_ADMIN_USERNAME=admin[0],
-                      MLFLOW_AUTH_ADMIN_PASSWORD=admin[1], MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
-                      MLFLOW_TLS_CERTFILE=str(certs.cert), MLFLOW_TLS_KEYFILE=str(certs.key))
-    log = work / "server.log"
-    with log.open("wb") as out:
-        # One worker: the tests are its only client, and the machine has few cores to spare.
-        proc = subprocess.Popen([str(SCRIPT), "--workers", "1"], cwd=work, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-    request.addfinalizer(lambda: stop_session(proc))
-    url = f"https://127.0.0.1:{port}"
-    _wait_for_https(proc, url, certs.ca, log)
-    served = Server(url=url, artifacts=work / "artifacts", log=log, pg=postgres, ca=certs.ca, admin=admin,
-                    users={"editor": _secret(), "reader": _secret()})
-    _add_user(served, "editor", "EDIT", ROOT)
-    _add_user(served, "reader", "READ", ROOT)
+    """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
+    editor (EDIT) and a reader (READ), added the way `make mlflow-user` adds them."""
+    served = start_team_server(postgres, tmp_path_factory.mktemp("server"), tls=True)
+    request.addfinalizer(served.stop)
+    served.add_user("editor", "EDIT")
+    served.add_user("reader", "READ")
     return served
 
 
@@ -259,7 +183,7 @@ def test_unreachable_tracking_server_stops_training_before_it_starts(prepared):
 def test_a_server_that_would_refuse_the_run_stops_training_before_it_starts(prepared, server, case):
     """One line each, naming the server (password masked) and what to do, before any training."""
     if case == "wrong password":
-        env = server.env("editor", MLFLOW_TRACKING_PASSWORD=_secret())
+        env = server.env("editor", MLFLOW_TRACKING_PASSWORD=new_secret())
         expected = (f"error: MLflow tracking server {server.url} refused the credentials of user 'editor' "
                     "(401 unauthorized); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
                     "(or ~/.mlflow/credentials) to your account on it")
@@ -277,7 +201,7 @@ def test_a_server_that_would_refuse_the_run_stops_training_before_it_starts(prep
 
 
 def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
-    password = _secret()
+    password = new_secret()
     host = server.url.removeprefix("https://")
     for key, value in server.env("editor").items():
         monkeypatch.setenv(key, value)
@@ -289,12 +213,10 @@ def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     assert password not in str(info.value)
 
 
-def _request(server: Server, path: str, auth: tuple[str, str] | None, method: str = "GET",
-             body: dict | None = None, host: str | None = None) -> tuple[int, Message, bytes]:
-    request = urllib.request.Request(f"{server.url}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
-    if body is not None:
-        request.add_header("Content-Type", "application/json")
+def _request(server: TeamServer, path: str, auth: tuple[str, str] | None,
+             host: str | None = None) -> tuple[int, Message, bytes]:
+    """GET `path` as a browser would: basic auth when given, and the Host header when given."""
+    request = urllib.request.Request(f"{server.url}{path}")
     if auth is not None:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     if host is not None:
@@ -312,7 +234,7 @@ SEARCH = "/api/2.0/mlflow/experiments/search?max_results=10"
 
 @pytest.mark.parametrize("path", [SEARCH, "/"], ids=["REST", "UI"])
 def test_requests_without_or_with_wrong_credentials_get_401(server, path):
-    for auth in (None, ("editor", _secret()), ("nobody", _secret())):
+    for auth in (None, ("editor", new_secret()), ("nobody", new_secret())):
         status, headers, _ = _request(server, path, auth)
         assert status == 401, (auth and auth[0], status)
         assert headers.get("WWW-Authenticate") == 'Basic realm="mlflow"'  # the browser asks for a login
@@ -347,7 +269,7 @@ def as_user():
         # mlflow-artifacts:/ URIs resolve against the global tracking URI: point it at the server.
         previous = mlflow.get_tracking_uri()
 
-        def login(server: Server, user: str):
+        def login(server: TeamServer, user: str):
             from mlflow import MlflowClient
 
             for key, value in server.env(user).items():
@@ -438,7 +360,10 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
     for what, attempt in refused.items():
         with pytest.raises(MlflowException) as info:
             attempt()
-        assert info.value.get_http_status_code() == 403 and info.value.message == "Permission denied", what
+        # MLflow's client: "API request to endpoint /api/2.0/mlflow/runs/create failed with error
+        # code 403 != 200. Response body: 'Permission denied'"
+        assert info.value.get_http_status_code() == 403, what
+        assert info.value.message.endswith("failed with error code 403 != 200. Response body: 'Permission denied'"), what
     assert reader.get_model_version_by_alias(REGISTERED, CHAMPION).version == champion.version
 
     # imgclf-predict, as the reader, straight from the registry.
@@ -446,7 +371,7 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
 
     image = tmp_path / "shirt.png"
     Image.new("L", (28, 28), 200).save(image)
-    env = {**_script_env(PYTHONPATH=str(served_run.path / "src")), **server.env("reader")}
+    env = {**script_env(PYTHONPATH=str(served_run.path / "src")), **server.env("reader")}
     proc = subprocess.run([str(BIN / "python"), "-m", "imgclf.predict", str(image), "--model-uri",
                            f"models:/{REGISTERED}@{CHAMPION}", "--format", "json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
