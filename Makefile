@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 FMNIST_LOCAL := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help venv data-source repro pull test test-fast bench mlflow-ui mlflow-server clean
+.PHONY: help venv data-source repro pull test test-fast bench mlflow-ui mlflow-server mlflow-user clean
 
 help:
 	@echo "make repro      set up .venv and run the whole pipeline (dvc repro)"
@@ -19,7 +19,8 @@ help:
 	@echo "make test       set up .venv and run the whole test suite"
 	@echo "make test-fast  the tests not marked slow"
 	@echo "make mlflow-ui  browse the runs at http://127.0.0.1:5000"
-	@echo "make mlflow-server  the team tracking server (set MLFLOW_BACKEND_STORE_URI; see docs/mlflow.md)"
+	@echo "make mlflow-server  the team tracking server (set MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY; see docs/mlflow.md)"
+	@echo "make mlflow-user MLFLOW_USER=alice PERMISSION=EDIT  add a user to the team server (an admin's MLFLOW_TRACKING_* set)"
 	@echo "make bench      speed and accuracy figures on the real data (BENCH_ARGS=--seeds 1 for a quick look)"
 
 venv: $(VENV)/.installed
@@ -64,9 +65,16 @@ test-fast: venv
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-# The team's tracking server: PostgreSQL for runs and the registry, artifacts proxied.
+# The team's tracking server: PostgreSQL for runs, the registry and its users; artifacts proxied.
 mlflow-server: venv
 	scripts/mlflow_server.sh $(MLFLOW_SERVER_ARGS)
+
+# Add a user to the team server (or change their permission): READ, EDIT, MANAGE or NO_PERMISSIONS
+# on this project's experiment and registered model. docs/mlflow.md.
+PERMISSION ?= READ
+mlflow-user: venv
+	@test -n "$(MLFLOW_USER)" || { echo "error: MLFLOW_USER is not set; e.g. make mlflow-user MLFLOW_USER=alice PERMISSION=EDIT" >&2; exit 2; }
+	$(BIN)/python -m imgclf.users "$(MLFLOW_USER)" --permission "$(PERMISSION)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# The team's MLflow tracking server in one command: runs and the model registry in
-# PostgreSQL, artifacts stored by the server itself (clients upload and download through it,
-# so they need no access to the storage).
+# The team's MLflow tracking server in one command: runs, the model registry, and its users and
+# permissions in one PostgreSQL database; artifacts stored by the server itself (clients upload
+# and download through it, so they need no access to the storage). Every request needs a user
+# name and password (MLflow's basic-auth app); docs/mlflow.md has the whole set-up.
 #
-#   MLFLOW_BACKEND_STORE_URI      required, e.g. postgresql://mlflow:secret@db-host:5432/mlflow
-#   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps artifacts (default ./mlartifacts-server;
-#                                 any URI mlflow supports, e.g. s3://bucket/prefix)
-#   MLFLOW_HOST, MLFLOW_PORT      what to bind (default 127.0.0.1 and 5000)
+#   MLFLOW_BACKEND_STORE_URI        required, e.g. postgresql://mlflow:secret@db-host:5432/mlflow
+#   MLFLOW_AUTH_ADMIN_PASSWORD      required, at least 12 characters: the admin user's password
+#                                   when the server first creates it (MLflow ignores it after)
+#   MLFLOW_AUTH_ADMIN_USERNAME      the admin user (default admin)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  required, at least 32 characters: signs the UI's forms (CSRF);
+#                                   e.g. python3 -c 'import secrets; print(secrets.token_hex(32))'
+#   MLFLOW_AUTH                     off: no authentication at all, refused unless on loopback
+#   MLFLOW_TLS_CERTFILE, MLFLOW_TLS_KEYFILE  serve HTTPS with this certificate (PEM) and key;
+#                                   required to bind to anything but loopback
+#   MLFLOW_ARTIFACTS_DESTINATION    where the server keeps artifacts (default ./mlartifacts-server;
+#                                   any URI mlflow supports, e.g. s3://bucket/prefix)
+#   MLFLOW_HOST, MLFLOW_PORT        what to bind (default 127.0.0.1 and 5000)
 #
-# Extra arguments go to `mlflow server` unchanged (e.g. --workers 2, --allowed-hosts ...).
-# Pipelines log to it with MLFLOW_TRACKING_URI=http://<host>:<port>; see docs/mlflow.md.
+# Extra arguments go to `mlflow server` unchanged (e.g. --workers 2; a later --allowed-hosts
+# replaces the one this script derives from MLFLOW_HOST and MLFLOW_PORT).
+# Pipelines log to it with MLFLOW_TRACKING_URI=https://<host>:<port>; see docs/mlflow.md.
 set -euo pipefail
 
 die() {
@@ -24,6 +34,52 @@ artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts-server}"
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 [[ "$port" =~ ^[0-9]+$ ]] && ((port >= 1 && port <= 65535)) || die "MLFLOW_PORT: got '$port': must be a port number (1-65535)"
+
+auth="${MLFLOW_AUTH:-on}"
+[[ "$auth" == on || "$auth" == off ]] || die "MLFLOW_AUTH: got '$auth': must be on (the default) or off"
+case "$host" in
+    127.* | ::1 | localhost) loopback=true ;;
+    *) loopback=false ;;
+esac
+# Off the loopback interface anyone on the network can connect: without authentication they
+# could read and change every run, and without TLS they would read the passwords on the wire.
+if [[ "$loopback" == false ]]; then
+    [[ "$auth" == on ]] || die "MLFLOW_AUTH=off is only allowed on loopback (MLFLOW_HOST=127.0.0.1), got MLFLOW_HOST=$host"
+    [[ -n "${MLFLOW_TLS_CERTFILE:-}" ]] || die "MLFLOW_HOST=$host is not loopback: set MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE (basic auth sends passwords with every request), or bind to 127.0.0.1 behind a TLS proxy"
+fi
+
+tls_opts=()
+if [[ -n "${MLFLOW_TLS_CERTFILE:-}${MLFLOW_TLS_KEYFILE:-}" ]]; then
+    for var in MLFLOW_TLS_CERTFILE MLFLOW_TLS_KEYFILE; do
+        [[ -r "${!var:-}" ]] || die "$var: got '${!var:-}': must name a readable PEM file (set both MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE)"
+    done
+    # uvicorn, MLflow's default server, terminates TLS itself: no proxy to install or configure.
+    tls_opts=(--uvicorn-opts "--ssl-certfile $(printf %q "$MLFLOW_TLS_CERTFILE") --ssl-keyfile $(printf %q "$MLFLOW_TLS_KEYFILE")")
+    scheme=https
+else
+    scheme=http
+fi
+
+# "not set" or "too short (N characters)": the length of a secret, never the secret itself.
+unfit() { ((${#1} == 0)) && echo "not set" || echo "too short (${#1} characters)"; }
+if [[ "$auth" == on ]]; then
+    password="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
+    ((${#password} >= 12)) || die "MLFLOW_AUTH_ADMIN_PASSWORD is $(unfit "$password"); set it to the admin's password, at least 12 characters (or MLFLOW_AUTH=off, loopback only)"
+    secret="${MLFLOW_FLASK_SERVER_SECRET_KEY:-}"
+    ((${#secret} >= 32)) || die "MLFLOW_FLASK_SERVER_SECRET_KEY is $(unfit "$secret"); set it to at least 32 random characters, e.g. \$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+fi
+
+# Browsers send the Host header they were pointed at: accepting only the names this server is
+# served under defeats DNS rebinding (a hostile page whose name resolves to this address).
+case "$host" in
+    0.0.0.0 | :: | "") die "MLFLOW_HOST=$host binds every interface; bind one address, or pass --allowed-hosts with the names clients use" ;;
+esac
+if [[ "$loopback" == true ]]; then
+    allowed="127.0.0.1:$port,localhost:$port,[::1]:$port"
+else
+    allowed="$host:$port"
+fi
 
 mlflow_bin="$(command -v mlflow || true)"
 [[ -n "$mlflow_bin" ]] || die "mlflow is not on PATH; run 'make venv' and 'source .venv/bin/activate' first"
@@ -45,6 +101,9 @@ case "$backend" in
         has_module psycopg2 || die "the psycopg2 driver is missing; install it with: $python_bin -m pip install psycopg2-binary"
         ;;
 esac
+if [[ "$auth" == on ]]; then
+    has_module flask_wtf || die "MLflow's basic-auth app needs Flask-WTF; install it with: $python_bin -m pip install -c requirements.lock 'mlflow[auth]==3.17.2'"
+fi
 
 # A plain path (no scheme) is a local directory: make it absolute so the startup line says
 # exactly where artifacts go, whatever directory the server was started from.
@@ -53,19 +112,52 @@ if [[ "$artifacts" != *://* ]]; then
     artifacts="$(cd -- "$artifacts" && pwd)"
 fi
 
-# Never print the database password.
-shown="$(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$backend")"
-echo "mlflow server: backend $shown, artifacts $artifacts, listening on http://$host:$port" >&2
-
 export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 # MLflow's job runner (GenAI evaluation and trace jobs, 8 extra processes) does nothing for
 # this project; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it anyway.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
-# exec: the server gets this process's signals, so Ctrl-C or a supervisor's stop reach it.
-exec "$mlflow_bin" server \
-    --backend-store-uri "$backend" \
-    --serve-artifacts \
-    --artifacts-destination "$artifacts" \
-    --host "$host" \
-    --port "$port" \
-    "$@"
+
+# Never print the database password.
+shown="$(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$backend")"
+echo "mlflow server: backend $shown, artifacts $artifacts, authentication $auth, listening on $scheme://$host:$port" >&2
+
+server=("$mlflow_bin" server --backend-store-uri "$backend" --serve-artifacts --artifacts-destination "$artifacts"
+        --host "$host" --port "$port" --allowed-hosts "$allowed" "${tls_opts[@]}")
+if [[ "$auth" == off ]]; then
+    # exec: the server gets this process's signals, so Ctrl-C or a supervisor's stop reach it.
+    exec "${server[@]}" "$@"
+fi
+
+# The auth app reads its settings from a file. Users and permissions go to the runs' database
+# (one database to back up; MLflow keeps its own alembic_version_auth table there), so the file
+# holds the database password: private (mode 0600, outside the checkout) and removed on exit.
+# Every uvicorn worker reads it when it starts, so it stays for the server's lifetime.
+config="$(umask 077 && mktemp "${TMPDIR:-/tmp}/mlflow-auth.XXXXXX")"
+trap 'rm -f -- "$config"' EXIT
+# Users start with no access: an account made for one project sees nothing of another's runs
+# until `make mlflow-user` grants it READ or EDIT on this project's experiment and model.
+# Checking a password costs about 0.6 s of CPU (a deliberately slow hash), on every request: a
+# pipeline makes hundreds. A worker remembers a good password for 60 s; a password changed or a
+# user deleted through another worker (with --workers > 1) is still accepted until then.
+# ConfigParser reads % as interpolation: double it (URL-encoded passwords contain it).
+cat >"$config" <<EOF
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = ${backend//%/%%}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+auth_cache_ttl_seconds = 60
+EOF
+export MLFLOW_AUTH_CONFIG_PATH="$config"
+"${server[@]}" --app-name basic-auth "$@" &
+child=$!
+# Not exec (the trap must remove the file): pass a stop on to the server, then wait for it.
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$child" || status=$?
+if kill -0 "$child" 2>/dev/null; then
+    # A signal ended the first wait early: wait for the server to finish stopping.
+    status=0
+    wait "$child" || status=$?
+fi
+exit "$status"

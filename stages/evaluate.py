@@ -27,7 +27,8 @@ def main() -> None:
     cfg = load_section("evaluate", EvaluateConfig, params)
     mlflow_cfg = load_section("mlflow", MlflowConfig, params)
     registry.check_target(mlflow_cfg.register_model, model_names(params))
-    experiment_id = tracking.setup(mlflow_cfg.experiment)
+    registered = mlflow_cfg.registered_as(name)
+    experiment_id = tracking.setup(mlflow_cfg.experiment, registered)
     ckpt = model_dir(name) / "model.pt"
     model, state = checkpoint.load(ckpt, load_model(name, params))
     meta = load_meta(PROCESSED_DIR)
@@ -58,9 +59,9 @@ def main() -> None:
         for f in ("test.json", "misclassified.json", "confusion.json"):
             mlflow.log_artifact(str(out / f), artifact_path="evaluation")
     log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
-    if mlflow_cfg.register_model == name:
+    if registered is not None:
         # After the metrics are in the run: the champion rule reads the test accuracy.
-        registry.register(run_id, name, mlflow_cfg.registered_name, m["test/accuracy"], dataset=meta["dataset"])
+        registry.register(run_id, name, registered, m["test/accuracy"], dataset=meta["dataset"])
 
 
 if __name__ == "__main__":

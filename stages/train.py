@@ -17,7 +17,7 @@ def main() -> None:
     name = parser.parse_args().model
     params = read_params()
     cfg = load_train(name, params)  # validates models.<name> too
-    experiment = load_section("mlflow", MlflowConfig, params).experiment
+    mlflow_cfg = load_section("mlflow", MlflowConfig, params)
     if distributed.needs_launch(cfg.processes):
         # train.processes > 1 (or torchrun's multi-node settings in the environment): rerun
         # this script under torchrun, one process per shard. Bad params or a missing GPU fail
@@ -30,7 +30,8 @@ def main() -> None:
             ctx,
             arch=load_model(name, params),
             cfg=cfg,
-            experiment=experiment,
+            experiment=mlflow_cfg.experiment,
+            registered_model=mlflow_cfg.registered_as(name),
             processed_dir=PROCESSED_DIR,
             checkpoint_path=model_dir(name) / "model.pt",
             metrics_out=metrics_dir(name),

@@ -1,28 +1,28 @@
 """Comparing runs in the MLflow UI, in a real browser.
 
-A throwaway `mlflow server` (SQLite) on a free loopback port receives the runs of the tiny
-pipeline, run twice in one project: once as committed (train.lr 0.05) and once as the DVC
-experiment `lr-004` with train.lr 0.04. Headless Chromium then opens the experiment page and
-the comparison page of the two CNN runs, as a person following README's "Comparing runs in
-MLflow" would, and checks what is on the screen. The comparison page's screenshot goes to the
+The team server (scripts/mlflow_server.sh, authenticated, on a throwaway PostgreSQL and a
+free loopback port) receives the runs of the tiny pipeline, run twice in one project as a user
+allowed to EDIT: once as committed (train.lr 0.05) and once as the DVC experiment `lr-004` with
+train.lr 0.04. Headless Chromium, logged in as a user allowed to READ, then opens the
+experiment page and the comparison page of the two CNN runs, as a person following README's
+"Comparing runs in MLflow" would, and checks what is on the screen. The comparison page's screenshot goes to the
 test's temporary folder; with IMGCLF_SCREENSHOT=docs/mlflow-compare.png set it also refreshes
 README's picture (tests never write into the checkout by default).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import subprocess
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import pytest
 
 from browser import BrowserUnavailable, start_chromium
-from fixtures import BIN, ROOT, stop_session, tiny_project, wait_for_mlflow
-from pgserver import free_port
+from fixtures import ROOT, tiny_project
+from pgserver import start_postgres
+from teamserver import start_team_server
 
 EXPERIMENT = "fashion-mnist-lesson"
 WAIT = 60  # seconds for the single-page app to show something; it usually takes one or two
@@ -66,33 +66,39 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    """`mlflow server` with a SQLite store, serving artifacts from its own folder."""
-    work = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = work / "server.log"
-    with log.open("wb") as out:
-        # One worker: the test is its only client, and the machine has few cores to spare.
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_mlflow(proc, url, log)
-        yield url
-    finally:
-        stop_session(proc)
+def team_server(tmp_path_factory, request):
+    """The team server (plain HTTP: loopback only), with an editor and a viewer (READ)."""
+    pg = start_postgres()
+    request.addfinalizer(pg.stop)
+    server = start_team_server(pg, tmp_path_factory.mktemp("mlflow-server"), tls=False)
+    request.addfinalizer(server.stop)
+    server.add_user("editor", "EDIT")
+    server.add_user("viewer", "READ")
+    return server
 
 
 @pytest.fixture(scope="module")
-def two_lrs(tracking_server, tmp_path_factory):
+def tracking_server(team_server):
+    return team_server.url
+
+
+@pytest.fixture(scope="module")
+def logged_in(browser, team_server):
+    """The browser, sending the viewer's credentials with every request (what a person types
+    into the login dialog; headless Chromium has no dialog). Without them the server answers
+    401 (tests/test_tracking_server.py)."""
+    token = base64.b64encode(f"viewer:{team_server.users['viewer']}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    return browser
+
+
+@pytest.fixture(scope="module")
+def two_lrs(team_server, tmp_path_factory):
     """The tiny pipeline as committed (train.lr 0.05), then `dvc exp run` with train.lr 0.04,
-    both logging to the tracking server."""
+    both logging to the team server as the editor."""
     with tiny_project(tmp_path_factory.mktemp("ui")) as proj:
-        proj.env["MLFLOW_TRACKING_URI"] = tracking_server
+        proj.env.update(team_server.env("editor"))
         proj.repro()
         proj.run("dvc", "exp", "run", "-n", "lr-004", "-S", "train.lr=0.04")
     return proj
@@ -131,9 +137,13 @@ def _row(rows: list[list[str]], label: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_compares_the_two_learning_rates(browser, two_lrs, tracking_server, tmp_path):
+def test_mlflow_ui_compares_the_two_learning_rates(logged_in, two_lrs, team_server, tracking_server, tmp_path,
+                                                   monkeypatch):
     from mlflow import MlflowClient
 
+    browser = logged_in
+    for key, value in team_server.env("viewer").items():
+        monkeypatch.setenv(key, value)
     client = MlflowClient(tracking_uri=tracking_server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.model_name = 'cnn'",

@@ -1,36 +1,69 @@
-"""The team tracking server: scripts/mlflow_server.sh on a throwaway PostgreSQL, the tiny
-pipeline logging to it over HTTP, and everything read back through the server; two queued
-experiments logging to it at once; plus the train stage refusing to start when the configured
-server does not answer."""
+"""The team tracking server: scripts/mlflow_server.sh on a throwaway PostgreSQL, over HTTPS
+with a throwaway CA, every request authenticated; the tiny pipeline logging to it as a user
+allowed to EDIT, and everything read back through the server; a READ user who may look and
+load the champion but not write; two queued experiments logging to it at once; the train stage
+refusing to start, in one line, when the server would not take its runs; and the script
+refusing set-ups that would expose the server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
+import ssl
 import subprocess
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
 
 from dvcqueue import check_experiment_runs, run_queued
-from fixtures import BIN, ROOT, TINY, stop_session, tiny_project, wait_for_mlflow
-from imgclf.registry import ACCURACY_TAG
-from pgserver import PgServer, free_port, start_postgres
-
-SCRIPT = ROOT / "scripts" / "mlflow_server.sh"
+from fixtures import BIN, ROOT, TINY, tiny_project
+from imgclf import tracking
+from imgclf.errors import TrackingError
+from imgclf.registry import ACCURACY_TAG, CHAMPION
+from pgserver import SUPERUSER, free_port, start_postgres
+from teamserver import SCRIPT, TeamServer, new_secret, script_env, start_team_server
 EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
 
 
-def _script_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", **extra)
-    return env
+def _auth_env(**extra: str) -> dict[str, str]:
+    """What the script needs to start an authenticated server, besides the database."""
+    return script_env(MLFLOW_AUTH_ADMIN_PASSWORD=new_secret(), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+                       **extra)
+
+
+@pytest.fixture
+def fake_mlflow(tmp_path):
+    """A stand-in `mlflow` that prints its arguments, the auth config's mode and text, and the
+    config's path last (next to the real interpreter, which the script asks about drivers)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mlflow").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n'
+                                 'if [ -n "$MLFLOW_AUTH_CONFIG_PATH" ]; then\n'
+                                 '  stat -c "mode %a" "$MLFLOW_AUTH_CONFIG_PATH"; cat "$MLFLOW_AUTH_CONFIG_PATH"\n'
+                                 '  echo "$MLFLOW_AUTH_CONFIG_PATH"\nfi\n')
+    (fake / "mlflow").chmod(0o755)
+    # A wrapper, not a symlink: a symlinked venv interpreter would not find the venv's packages.
+    (fake / "python").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')
+    (fake / "python").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        env = {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}
+        return subprocess.run([str(SCRIPT), *args], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+
+    run.work = work
+    return run
 
 
 def test_server_script_needs_a_backend_store_uri(tmp_path):
-    proc = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=_script_env(), capture_output=True, text=True,
+    proc = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
@@ -39,40 +72,64 @@ def test_server_script_needs_a_backend_store_uri(tmp_path):
     assert list(tmp_path.iterdir()) == []  # it stopped before creating the artifact directory
 
 
-def test_server_script_defaults_driver_and_masked_password(tmp_path):
-    """What the script hands to `mlflow server`, seen through a stand-in `mlflow` that prints
-    its arguments (next to the real interpreter, which the script asks about drivers)."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "mlflow").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    (fake / "mlflow").chmod(0o755)
-    # A wrapper, not a symlink: a symlinked venv interpreter would not find the venv's packages.
-    (fake / "python").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')
-    (fake / "python").chmod(0o755)
-    work = tmp_path / "work"
-    work.mkdir()
-    # Built at run time so the credential scan of tracked files (test_security.py) stays clean.
-    login = "team:" + "s3cret"
-    env = _script_env(MLFLOW_BACKEND_STORE_URI=f"postgresql://{login}@db.example.org:5432/mlflow")
-    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run([str(SCRIPT), "--workers", "2"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=60)
+def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
+    """What the script hands to `mlflow server`: the driver named, the basic-auth app, allowed
+    hosts for the loopback port, and a 0600 auth config naming the runs' own database, removed
+    when the server exits; the database password never in its output."""
+    login = "team:" + new_secret()
+    env = _auth_env(MLFLOW_BACKEND_STORE_URI=f"postgresql://{login}@db.example.org:5432/mlflow")
+    proc = fake_mlflow(env, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     backend = f"postgresql+psycopg2://{login}@db.example.org:5432/mlflow"  # psycopg 3 is not installed
-    assert proc.stdout.splitlines() == [
+    out = proc.stdout.splitlines()
+    work = fake_mlflow.work
+    assert out[:15] == [
         "server", "--backend-store-uri", backend, "--serve-artifacts",
         "--artifacts-destination", str(work / "mlartifacts-server"),
-        "--host", "127.0.0.1", "--port", "5000", "--workers", "2"]
+        "--host", "127.0.0.1", "--port", "5000",
+        "--allowed-hosts", "127.0.0.1:5000,localhost:5000,[::1]:5000", "--app-name", "basic-auth", "--workers"]
+    assert out[15:17] == ["2", "mode 600"]
+    assert "default_permission = NO_PERMISSIONS" in out and f"database_uri = {backend}" in out
+    config = Path(out[-1])
+    assert not config.is_relative_to(ROOT) and not config.exists()  # outside the checkout, gone after
     assert (work / "mlartifacts-server").is_dir()
-    assert "s3cret" not in proc.stderr and "team:***@db.example.org" in proc.stderr
+    assert login.split(":")[1] not in proc.stderr and "team:***@db.example.org" in proc.stderr
 
 
-@dataclass
-class Server:
-    url: str
-    artifacts: Path
-    log: Path
-    pg: PgServer
+def test_server_script_without_auth_only_on_loopback(fake_mlflow, tmp_path):
+    db = f"postgresql://{SUPERUSER}@127.0.0.1:5432/mlflow"
+    proc = fake_mlflow(script_env(MLFLOW_BACKEND_STORE_URI=db, MLFLOW_AUTH="off", MLFLOW_PORT="5001"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--app-name" not in proc.stdout.splitlines() and "mode" not in proc.stdout
+    assert "authentication off" in proc.stderr
+
+
+SHORT = "x" * 11
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MLFLOW_AUTH_ADMIN_PASSWORD": ""}, "MLFLOW_AUTH_ADMIN_PASSWORD is not set; set it to the admin's password, "
+                                          "at least 12 characters (or MLFLOW_AUTH=off, loopback only)"),
+    ({"MLFLOW_AUTH_ADMIN_PASSWORD": SHORT}, "MLFLOW_AUTH_ADMIN_PASSWORD is too short (11 characters); set it to the "
+                                            "admin's password, at least 12 characters (or MLFLOW_AUTH=off, loopback only)"),
+    ({"MLFLOW_FLASK_SERVER_SECRET_KEY": ""}, "MLFLOW_FLASK_SERVER_SECRET_KEY is not set; set it to at least 32 random "
+                                             "characters, e.g. $(python3 -c 'import secrets; print(secrets.token_hex(32))')"),
+    ({"MLFLOW_AUTH": "off", "MLFLOW_HOST": "192.0.2.7"},
+     "MLFLOW_AUTH=off is only allowed on loopback (MLFLOW_HOST=127.0.0.1), got MLFLOW_HOST=192.0.2.7"),
+    ({"MLFLOW_HOST": "192.0.2.7"},
+     "MLFLOW_HOST=192.0.2.7 is not loopback: set MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE (basic auth sends "
+     "passwords with every request), or bind to 127.0.0.1 behind a TLS proxy"),
+    ({"MLFLOW_TLS_CERTFILE": "/nonexistent.pem", "MLFLOW_TLS_KEYFILE": "/nonexistent.pem"},
+     "MLFLOW_TLS_CERTFILE: got '/nonexistent.pem': must name a readable PEM file "
+     "(set both MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE)"),
+], ids=["no admin password", "short admin password", "no secret key", "no auth off loopback",
+        "no TLS off loopback", "missing certificate"])
+def test_server_script_refuses_an_unsafe_setup_in_one_line(fake_mlflow, env, message):
+    base = _auth_env(MLFLOW_BACKEND_STORE_URI=f"postgresql://{SUPERUSER}@127.0.0.1:5432/mlflow")
+    proc = fake_mlflow({**base, **env})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {message}"]
+    assert proc.stdout == ""  # mlflow never started
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +141,13 @@ def postgres(request):
 
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory, request):
-    """The script's server on a free loopback port, serving artifacts from its own folder."""
-    work = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = _script_env(MLFLOW_BACKEND_STORE_URI=postgres.uri, MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"),
-                      MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port))
-    log = work / "server.log"
-    with log.open("wb") as out:
-        # One worker: the tests are its only client, and the machine has few cores to spare.
-        proc = subprocess.Popen([str(SCRIPT), "--workers", "1"], cwd=work, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-    request.addfinalizer(lambda: stop_session(proc))
-    url = f"http://127.0.0.1:{port}"
-    wait_for_mlflow(proc, url, log)
-    return Server(url=url, artifacts=work / "artifacts", log=log, pg=postgres)
+    """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
+    editor (EDIT) and a reader (READ), added the way `make mlflow-user` adds them."""
+    served = start_team_server(postgres, tmp_path_factory.mktemp("server"), tls=True)
+    request.addfinalizer(served.stop)
+    served.add_user("editor", "EDIT")
+    served.add_user("reader", "READ")
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -109,38 +158,132 @@ def prepared(tmp_path_factory):
         yield proj
 
 
-@pytest.mark.slow
-def test_unreachable_tracking_server_stops_training_before_it_starts(prepared):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+def _train_refused(prepared, env: dict[str, str]) -> str:
+    """Run the train stage with `env`; check it stopped before training; return its last line."""
     assert not (prepared.path / "models/cnn/model.pt").exists()
+    clean = {k: v for k, v in prepared.env.items() if not k.startswith("MLFLOW_TRACKING_")}
     proc = subprocess.run(["python", "stages/train.py", "cnn"], cwd=prepared.path, capture_output=True, text=True,
-                          env={**prepared.env, "MLFLOW_TRACKING_URI": uri}, timeout=300)
+                          env={**clean, **env}, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: MLflow tracking server ") and uri in last, last
     assert "Traceback" not in proc.stderr
     assert not (prepared.path / "models/cnn/model.pt").exists()
     assert not (prepared.path / "metrics/cnn").exists()
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_stops_training_before_it_starts(prepared):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    last = _train_refused(prepared, {"MLFLOW_TRACKING_URI": uri})
+    assert last.startswith("error: MLflow tracking server ") and uri in last, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong password", "no CA certificate", "read-only user"])
+def test_a_server_that_would_refuse_the_run_stops_training_before_it_starts(prepared, server, case):
+    """One line each, naming the server (password masked) and what to do, before any training."""
+    if case == "wrong password":
+        env = server.env("editor", MLFLOW_TRACKING_PASSWORD=new_secret())
+        expected = (f"error: MLflow tracking server {server.url} refused the credentials of user 'editor' "
+                    "(401 unauthorized); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                    "(or ~/.mlflow/credentials) to your account on it")
+    elif case == "no CA certificate":
+        env = {k: v for k, v in server.env("editor").items() if k != "MLFLOW_TRACKING_SERVER_CERT_PATH"}
+        expected = (f"error: MLflow tracking server {server.url}: TLS certificate not trusted: unable to get local "
+                    "issuer certificate; set MLFLOW_TRACKING_SERVER_CERT_PATH to the certificate of the CA that "
+                    "signed the server's (see docs/mlflow.md)")
+    else:
+        env = server.env("reader")
+        expected = (f"error: MLflow tracking server {server.url}: user 'reader' may not write to experiment "
+                    f"'{EXPERIMENT}' (403, has READ, needs EDIT); ask an admin for it: "
+                    "make mlflow-user MLFLOW_USER=reader PERMISSION=EDIT")
+    assert _train_refused(prepared, env) == expected
+
+
+def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
+    password = new_secret()
+    host = server.url.removeprefix("https://")
+    for key, value in server.env("editor").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(TrackingError) as info:
+        tracking.check_reachable(f"https://editor:{password}@{host}")
+    assert str(info.value).startswith(f"MLflow tracking server https://editor:***@{host} refused the credentials")
+    assert password not in str(info.value)
+
+
+def _request(server: TeamServer, path: str, auth: tuple[str, str] | None,
+             host: str | None = None) -> tuple[int, Message, bytes]:
+    """GET `path` as a browser would: basic auth when given, and the Host header when given."""
+    request = urllib.request.Request(f"{server.url}{path}")
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    if host is not None:
+        request.add_header("Host", host)
+    context = ssl.create_default_context(cafile=str(server.ca))
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=10"
+
+
+@pytest.mark.parametrize("path", [SEARCH, "/"], ids=["REST", "UI"])
+def test_requests_without_or_with_wrong_credentials_get_401(server, path):
+    for auth in (None, ("editor", new_secret()), ("nobody", new_secret())):
+        status, headers, _ = _request(server, path, auth)
+        assert status == 401, (auth and auth[0], status)
+        assert headers.get("WWW-Authenticate") == 'Basic realm="mlflow"'  # the browser asks for a login
+    assert _request(server, path, ("editor", server.users["editor"]))[0] == 200
+
+
+def test_a_foreign_host_header_is_refused(server):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 gets nothing,
+    even from a browser that holds the credentials."""
+    editor = ("editor", server.users["editor"])
+    port = server.url.rsplit(":", 1)[1]
+    status, _, body = _request(server, SEARCH, editor, host=f"evil.example:{port}")
+    assert status == 403 and b"DNS rebinding" in body
+    for name in ("127.0.0.1", "localhost"):
+        assert _request(server, SEARCH, editor, host=f"{name}:{port}")[0] == 200
 
 
 @pytest.fixture(scope="module")
 def served_run(prepared, server):
-    """The whole tiny pipeline, logging to the team server."""
-    prepared.env["MLFLOW_TRACKING_URI"] = server.url
+    """The whole tiny pipeline, logging to the team server as the editor."""
+    prepared.env.update(server.env("editor"))
     prepared.ran = prepared.repro()
     return prepared
 
 
-@pytest.fixture
-def client(server):
+@pytest.fixture(scope="module")
+def as_user():
+    """Point the in-process MLflow client at the server as one of its users."""
     import mlflow
-    from mlflow import MlflowClient
 
-    # mlflow-artifacts:/ URIs resolve against the global tracking URI: point it at the server.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(server.url)
-    yield MlflowClient(tracking_uri=server.url)
-    mlflow.set_tracking_uri(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        # mlflow-artifacts:/ URIs resolve against the global tracking URI: point it at the server.
+        previous = mlflow.get_tracking_uri()
+
+        def login(server: TeamServer, user: str):
+            from mlflow import MlflowClient
+
+            for key, value in server.env(user).items():
+                patch.setenv(key, value)
+            mlflow.set_tracking_uri(server.url)
+            return MlflowClient(tracking_uri=server.url)
+
+        yield login
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def client(server, as_user):
+    return as_user(server, "editor")
 
 
 @pytest.mark.slow
@@ -184,9 +327,57 @@ def test_runs_and_registry_live_in_postgresql(served_run, server, client):
         assert cur.fetchall() == [(REGISTERED, 1)]
         cur.execute("SELECT alias, version FROM registered_model_aliases")
         assert cur.fetchall() == [("champion", 1)]
+        # Users and permissions too, in the same database (no basic_auth.db anywhere).
+        cur.execute("SELECT username, is_admin FROM users ORDER BY username")
+        assert cur.fetchall() == [("admin", True), ("editor", False), ("reader", False)]
     assert not list(server.log.parent.rglob("*.db"))
     champion = client.get_model_version_by_alias(REGISTERED, "champion")
     assert client.get_run(champion.run_id).data.tags["model_name"] == "cnn"
+
+
+@pytest.mark.slow
+def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, server, as_user, tmp_path):
+    """READ: search runs, download the model through the artifact proxy, predict with
+    `models:/<name>@champion`; but no new run, no metric, no moving the alias (403 each)."""
+    from mlflow.exceptions import MlflowException
+
+    reader = as_user(server, "reader")
+    experiment = reader.get_experiment_by_name(EXPERIMENT)
+    runs = reader.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"]
+    champion = reader.get_model_version_by_alias(REGISTERED, CHAMPION)
+    local = Path(reader.download_artifacts(champion.run_id, "report/report.html", str(tmp_path / "report")))
+    assert "cnn" in local.read_text(encoding="utf-8")
+    import mlflow
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}@{CHAMPION}", dst_path=str(tmp_path / "m")))
+    assert (model_dir / "MLmodel").is_file()
+    refused = {
+        "create a run": lambda: reader.create_run(experiment.experiment_id),
+        "log a metric": lambda: reader.log_metric(runs[0].info.run_id, "val/loss", 0.0),
+        "move the champion": lambda: reader.set_registered_model_alias(REGISTERED, CHAMPION, champion.version),
+    }
+    for what, attempt in refused.items():
+        with pytest.raises(MlflowException) as info:
+            attempt()
+        # MLflow's client: "API request to endpoint /api/2.0/mlflow/runs/create failed with error
+        # code 403 != 200. Response body: 'Permission denied'"
+        assert info.value.get_http_status_code() == 403, what
+        assert info.value.message.endswith("failed with error code 403 != 200. Response body: 'Permission denied'"), what
+    assert reader.get_model_version_by_alias(REGISTERED, CHAMPION).version == champion.version
+
+    # imgclf-predict, as the reader, straight from the registry.
+    from PIL import Image
+
+    image = tmp_path / "shirt.png"
+    Image.new("L", (28, 28), 200).save(image)
+    env = {**script_env(PYTHONPATH=str(served_run.path / "src")), **server.env("reader")}
+    proc = subprocess.run([str(BIN / "python"), "-m", "imgclf.predict", str(image), "--model-uri",
+                           f"models:/{REGISTERED}@{CHAMPION}", "--format", "json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    predictions = json.loads(proc.stdout)
+    assert len(predictions) == 1, predictions
 
 
 @pytest.mark.slow

@@ -280,6 +280,10 @@ class MlflowConfig(Section):
             raise ValueError("use letters, digits, '.', '_' and '-', starting with a letter or digit")
         return name
 
+    def registered_as(self, model: str) -> str | None:
+        """The registered model whose versions `model`'s evaluate stage adds, or None."""
+        return self.registered_name if self.register_model == model else None
+
 
 S = TypeVar("S", bound=Section)
 

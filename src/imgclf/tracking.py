@@ -75,27 +75,150 @@ def masked(uri: str) -> str:
     return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
-def check_reachable(uri: str) -> None:
-    """For an HTTP tracking server, fail now, in one line, if it does not answer."""
+# Which permissions let a user write: log runs to an experiment, register versions of a model
+# and move its aliases (MLflow's basic-auth app; READ and USE only look).
+_WRITE_PERMISSIONS = frozenset({"EDIT", "MANAGE"})
+_ACCOUNT_HELP = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) "
+                 "to your account on it")
+
+
+def _credentials(uri: str) -> tuple[str, Any, str | None, str | None]:
+    """The server's URI without user info, MLflow's host credentials for it (TLS settings
+    included), and the user name and password a request will carry."""
+    import urllib.parse
+
+    from mlflow.utils.credentials import get_default_host_creds
+
+    parsed = urllib.parse.urlsplit(uri)
+    # Credentials in the URI itself (http://user:password@host) count when the environment
+    # and ~/.mlflow/credentials give none, as they do for the requests library MLflow uses.
+    bare = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
+    creds = get_default_host_creds(bare)
+    username = creds.username or (urllib.parse.unquote(parsed.username) if parsed.username else None)
+    password = creds.password or (urllib.parse.unquote(parsed.password) if parsed.password else None)
+    return bare, creds, username, password
+
+
+def _server_request(uri: str, path: str, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET `path` from the tracking server with the credentials and TLS settings MLflow itself
+    would use; return the HTTP status and the decoded JSON body (None when there is none).
+
+    One attempt, ten seconds: MLflow's own client retries for minutes before it gives up.
+    """
+    import json
+    import ssl
+    import urllib.parse
+
+    bare, creds, username, password = _credentials(uri)
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    request = urllib.request.Request(f"{bare}{path}{query}")
+    if username and password:
+        import base64
+
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = None
+    if bare.startswith("https:"):
+        # MLFLOW_TRACKING_SERVER_CERT_PATH: the team's private CA; MLFLOW_TRACKING_INSECURE_TLS
+        # turns verification off, as it does for MLflow's client.
+        context = ssl.create_default_context(cafile=creds.server_cert_path)
+        if creds.ignore_tls_verification:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, None
+
+
+def _failure(exc: BaseException) -> str:
+    """Why a connection failed, in a few words (urllib wraps the real reason)."""
+    import ssl
+
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {reason.verify_message}"
+    return str(reason)
+
+
+def check_reachable(uri: str, experiment: str | None = None, registered_model: str | None = None) -> None:
+    """For an HTTP tracking server, fail now, in one line, if it cannot be used: it does not
+    answer, its TLS certificate is not trusted, it refuses the credentials (401), or the user
+    may not write to `experiment` or to the registered model `registered_model` (403).
+
+    Read-only callers (imgclf-predict) pass neither name. The permission probes are the auth
+    app's own read-only endpoints (who am I; what may I do with this resource), so nothing is
+    created or changed on the server by checking.
+    """
     if not uri.startswith(("http://", "https://")):
         return
+    shown = masked(uri)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-            response.read()
+        _server_request(uri, "/health")  # answered without credentials
+        status, me = _server_request(uri, "/api/2.0/mlflow/users/current")
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        reason = _failure(exc)
+        if reason.startswith("TLS"):
+            raise TrackingError(
+                f"MLflow tracking server {shown}: {reason}; set MLFLOW_TRACKING_SERVER_CERT_PATH to the "
+                "certificate of the CA that signed the server's (see docs/mlflow.md)") from None
         raise TrackingError(
-            f"MLflow tracking server {masked(uri)} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {shown} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
         ) from None
+    if status == 401:
+        username = _credentials(uri)[2]
+        whose = f"refused the credentials of user {username!r}" if username else "needs a user name and password"
+        raise TrackingError(f"MLflow tracking server {shown} {whose} (401 unauthorized); {_ACCOUNT_HELP}")
+    if status == 404 or not isinstance(me, dict) or "user" not in me:
+        return  # a server without authentication (MLFLOW_AUTH=off on loopback): anyone may write
+    user = me["user"]
+    if user.get("is_admin") or (experiment is None and registered_model is None):
+        return
+    name = str(user.get("username"))
+
+    def refuse(what: str, permission: str) -> TrackingError:
+        return TrackingError(
+            f"MLflow tracking server {shown}: user {name!r} may not write to {what} (403, has {permission}, "
+            f"needs EDIT); ask an admin for it: make mlflow-user MLFLOW_USER={name} PERMISSION=EDIT")
+
+    def permission(resource_type: str, resource_id: str) -> str:
+        status, answer = _server_request(uri, "/api/3.0/mlflow/users/permissions/get",
+                                         {"username": name, "resource_type": resource_type,
+                                          "resource_id": resource_id})
+        return str(answer.get("permission")) if status == 200 and isinstance(answer, dict) else "NO_PERMISSIONS"
+
+    if experiment is not None:
+        status, found = _server_request(uri, "/api/2.0/mlflow/experiments/get-by-name",
+                                        {"experiment_name": experiment})
+        if status == 403:
+            raise refuse(f"experiment {experiment!r}", "no access")
+        # 404: the experiment does not exist yet; any user may create it (and then owns it).
+        if status == 200 and isinstance(found, dict):
+            granted = permission("experiment", str(found["experiment"]["experiment_id"]))
+            if granted not in _WRITE_PERMISSIONS:
+                raise refuse(f"experiment {experiment!r}", granted)
+    if registered_model is not None:
+        granted = permission("registered_model", registered_model)
+        # No grant at all is not a refusal: the server answers 403 for a model that does not
+        # exist yet just as for one the user may not see, and whoever registers a new model
+        # owns it. An existing one would then fail at registration, in one line.
+        if granted not in _WRITE_PERMISSIONS | {"NO_PERMISSIONS"}:
+            raise refuse(f"registered model {registered_model!r}", granted)
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the store, check it answers, and return the experiment id."""
+def setup(experiment: str, registered_model: str | None = None) -> str:
+    """Point MLflow at the store, check that this user may log to `experiment` (and register
+    versions of `registered_model`, when given), and return the experiment id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    check_reachable(uri)
+    check_reachable(uri, experiment, registered_model)
     mlflow.set_tracking_uri(uri)
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(experiment)

@@ -54,6 +54,7 @@ def train_model(
     arch: MLPConfig | CNNConfig,
     cfg: TrainConfig,
     experiment: str,
+    registered_model: str | None = None,
     processed_dir: Path,
     checkpoint_path: Path,
     metrics_out: Path,
@@ -73,8 +74,9 @@ def train_model(
         data=[json.dumps(meta, sort_keys=True).encode(), train.images, train.labels, val.images, val.labels],
     )
     # The writer alone opens MLflow (other processes must not even create a run); it fails
-    # now, not after an hour of training.
-    experiment_id = tracking.setup(experiment) if ctx.is_writer else ""
+    # now, not after an hour of training (also when the user could log the run but not register
+    # the model: that would only show in the evaluate stage).
+    experiment_id = tracking.setup(experiment, registered_model) if ctx.is_writer else ""
 
     set_determinism(cfg.seed, threads, cfg.deterministic)
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
