@@ -86,14 +86,16 @@ def _wait_until_healthy(proc: subprocess.Popen, url: str, ca: Path | None, log: 
         time.sleep(0.25)
 
 
-def start_team_server(pg: PgServer, work: Path, *, tls: bool) -> TeamServer:
-    """Start the script's server; the caller must call `stop()` (a finalizer) when done."""
+def start_team_server(pg: PgServer, work: Path, *, tls: bool, extra: dict[str, str] | None = None) -> TeamServer:
+    """Start the script's server (`extra`: more of its environment, e.g. an S3 artifact store);
+    the caller must call `stop()` (a finalizer) when done."""
     certs = make_certificates(work / "tls") if tls else None
     port = free_port()
     admin = ("admin", new_secret())
     env = script_env(MLFLOW_BACKEND_STORE_URI=pg.uri, MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"),
                      MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), MLFLOW_AUTH_ADMIN_USERNAME=admin[0],
                      MLFLOW_AUTH_ADMIN_PASSWORD=admin[1], MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
+    env.update(extra or {})
     if certs is not None:
         env.update(MLFLOW_TLS_CERTFILE=str(certs.cert), MLFLOW_TLS_KEYFILE=str(certs.key))
     log = work / "server.log"

@@ -9,17 +9,15 @@ one training run serves both halves.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from fixtures import BIN, ROOT, stop_session, tiny_project, wait_for_mlflow
+from fixtures import tiny_project
 from pgserver import free_port, start_postgres
+from teamserver import start_team_server
 from remotes import MODELS, check_teammate_is_ready, commit_all, lock_outs, output, publish, teammate
 from s3server import start_s3_server
 
@@ -52,46 +50,18 @@ def postgres(request):
     return pg
 
 
-def start_team_server(work: Path, settings: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """scripts/mlflow_server.sh on a free loopback port with `settings` added to a clean
-    environment; return the process and its URL once it answers. The only place this file
-    starts the script: when the script needs more settings (a login), add them here."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), **settings)
-    log = work / "server.log"
-    with log.open("wb") as out:
-        # One worker: the tests are its only client, and the machine has few cores to spare.
-        proc = subprocess.Popen([str(ROOT / "scripts" / "mlflow_server.sh"), "--workers", "1"], cwd=work, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_mlflow(proc, url, log)
-    except BaseException:
-        stop_session(proc)
-        raise
-    return proc, url
-
-
-@dataclass
-class TeamServer:
-    url: str
-    work: Path  # its working directory: where a local artifact store would appear
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(s3, postgres, tmp_path_factory, request):
     """The team server, artifacts in s3://BUCKET/mlflow; only the server holds the S3 keys."""
     work = tmp_path_factory.mktemp("mlflow-server")
-    proc, url = start_team_server(work, {
-        "MLFLOW_BACKEND_STORE_URI": postgres.uri,
+    server = start_team_server(postgres, work, tls=False, extra={
         "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/{ARTIFACTS}",
         "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
         **s3.aws_env,
     })
-    request.addfinalizer(lambda: stop_session(proc))
-    return TeamServer(url, work)
+    request.addfinalizer(server.stop)
+    server.work = work  # where a local artifact store would appear
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +69,7 @@ def trained(mlflow_server, tmp_path_factory):
     """The tiny pipeline, logged to the team server from a workspace without S3 credentials,
     then committed."""
     with tiny_project(tmp_path_factory.mktemp("s3-team")) as proj:
-        proj.env = {**_without_s3_credentials(proj.env), "MLFLOW_TRACKING_URI": mlflow_server.url}
+        proj.env = {**_without_s3_credentials(proj.env), **mlflow_server.env(mlflow_server.admin[0])}
         ran = proj.repro()
         assert {f"train@{m}" for m in MODELS} | {"report"} <= ran, ran
         commit_all(proj, "trained against the team server")
@@ -108,9 +78,11 @@ def trained(mlflow_server, tmp_path_factory):
 
 # 1. MLflow artifacts in the bucket, through the server ------------------------------------
 
-def test_pipeline_artifacts_land_in_the_bucket_through_the_server(trained, s3, mlflow_server):
+def test_pipeline_artifacts_land_in_the_bucket_through_the_server(trained, s3, mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 
+    for key, value in mlflow_server.env(mlflow_server.admin[0]).items():
+        monkeypatch.setenv(key, value)
     client = MlflowClient(tracking_uri=mlflow_server.url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     # Clients were given a proxied location: they upload to the server, never to S3.
