@@ -52,6 +52,8 @@ def main() -> None:
         tracking.ensure_model_logged(experiment_id, run_id, Classifier(model, state["mean"], state["std"]),
                                      tracking.input_example(test.images), ROOT / "src" / "imgclf",
                                      state["classes"], state.get("resize"))
+        # A no-op for the run that trained this model (MLflow keeps one input per data set and
+        # digest); it records the data when this run is new (the model came from DVC's cache).
         tracking.log_data(meta, "evaluation")
         m = result["metrics"]
         mlflow.log_metrics({"test/loss": m["test/loss"], "test/accuracy": m["test/accuracy"],

@@ -71,9 +71,11 @@ class Tree:
         return self.root / path if self.root is not None else self.members[path]
 
 
-def scan_folder(root: Path) -> Tree:
+def scan_folder(root: Path, name: str | None = None) -> Tree:
+    """`name`: how messages call the folder (default: its path)."""
+    where = name or str(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder (track it with `dvc add`, or `dvc pull` / `dvc import` it)")
+        raise DataError(f"{where}: no such folder (track it with `dvc add`, or `dvc pull` / `dvc import` it)")
     real_root = root.resolve()
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -91,7 +93,7 @@ def scan_folder(root: Path) -> Tree:
                 entries.append(Entry(rel, "not a regular file"))
             else:
                 entries.append(Entry(rel))
-    return Tree(str(root), sorted(entries, key=lambda e: e.path), root=root)
+    return Tree(where, sorted(entries, key=lambda e: e.path), root=root)
 
 
 def scan_archive(archive: Path) -> Tree:

@@ -49,7 +49,7 @@ def prepare(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, 
 
 def _prepare_folder(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, root: Path) -> Prepared:
     if ds.folder is not None:
-        tree = folder.scan_folder(root / ds.folder)
+        tree = folder.scan_folder(root / ds.folder, ds.folder)
         source, version = _folder_source(root, ds.folder)
     else:
         (file, checksum), = (ds.files or {}).items()
