@@ -18,7 +18,7 @@
 #   MLFLOW_HOST, MLFLOW_PORT        what to bind (default 127.0.0.1 and 5000)
 #
 # Extra arguments go to `mlflow server` unchanged (e.g. --workers 2; a later --allowed-hosts
-# replaces the one this script derives from MLFLOW_HOST and MLFLOW_PORT).
+# or --uvicorn-opts replaces the script's, which carry the host names and the TLS settings).
 # Pipelines log to it with MLFLOW_TRACKING_URI=https://<host>:<port>; see docs/mlflow.md.
 set -euo pipefail
 
@@ -48,13 +48,15 @@ if [[ "$loopback" == false ]]; then
     [[ -n "${MLFLOW_TLS_CERTFILE:-}" ]] || die "MLFLOW_HOST=$host is not loopback: set MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE (basic auth sends passwords with every request), or bind to 127.0.0.1 behind a TLS proxy"
 fi
 
-tls_opts=()
+# A stop waits at most 10 s for open requests: a client holding a connection open (a stalled
+# upload, an idle pipeline) must not keep a supervisor's restart waiting for ever.
+uvicorn_opts="--timeout-graceful-shutdown 10"
 if [[ -n "${MLFLOW_TLS_CERTFILE:-}${MLFLOW_TLS_KEYFILE:-}" ]]; then
     for var in MLFLOW_TLS_CERTFILE MLFLOW_TLS_KEYFILE; do
         [[ -r "${!var:-}" ]] || die "$var: got '${!var:-}': must name a readable PEM file (set both MLFLOW_TLS_CERTFILE and MLFLOW_TLS_KEYFILE)"
     done
     # uvicorn, MLflow's default server, terminates TLS itself: no proxy to install or configure.
-    tls_opts=(--uvicorn-opts "--ssl-certfile $(printf %q "$MLFLOW_TLS_CERTFILE") --ssl-keyfile $(printf %q "$MLFLOW_TLS_KEYFILE")")
+    uvicorn_opts+=" --ssl-certfile $(printf %q "$MLFLOW_TLS_CERTFILE") --ssl-keyfile $(printf %q "$MLFLOW_TLS_KEYFILE")"
     scheme=https
 else
     scheme=http
@@ -122,7 +124,7 @@ shown="$(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$backend")"
 echo "mlflow server: backend $shown, artifacts $artifacts, authentication $auth, listening on $scheme://$host:$port" >&2
 
 server=("$mlflow_bin" server --backend-store-uri "$backend" --serve-artifacts --artifacts-destination "$artifacts"
-        --host "$host" --port "$port" --allowed-hosts "$allowed" "${tls_opts[@]}")
+        --host "$host" --port "$port" --allowed-hosts "$allowed" --uvicorn-opts "$uvicorn_opts")
 if [[ "$auth" == off ]]; then
     # exec: the server gets this process's signals, so Ctrl-C or a supervisor's stop reach it.
     exec "${server[@]}" "$@"

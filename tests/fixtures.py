@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -181,16 +182,17 @@ def tiny_project(base: Path, extra=None) -> Iterator[Project]:
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, *, what: str = "mlflow server",
-                       path: str = "/health", expect: bytes | None = b"OK", timeout_s: float = 180) -> None:
+                       path: str = "/health", expect: bytes | None = b"OK", timeout_s: float = 180,
+                       context: ssl.SSLContext | None = None) -> None:
     """Return once the server started as `proc` answers GET `path` (with body `expect`, when
-    given); fail with its log if it exits or stays silent. Never skips: a server that does not
-    start is a failure, in CI and everywhere else."""
+    given; over HTTPS, trusting what `context` trusts); fail with its log if it exits or stays
+    silent. Never skips: a server that does not start is a failure, in CI and everywhere else."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}{path}", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=5, context=context) as response:
                 if response.status == 200 and (expect is None or response.read().strip() == expect):
                     return
         except (urllib.error.URLError, OSError):

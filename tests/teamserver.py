@@ -9,13 +9,10 @@ import os
 import secrets
 import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures import BIN, ROOT, stop_session
+from fixtures import BIN, ROOT, stop_session, wait_until_serving
 from pgserver import PgServer, free_port
 from tlscerts import make_certificates
 
@@ -69,26 +66,11 @@ class TeamServer:
         stop_session(self.proc)
 
 
-def _wait_until_healthy(proc: subprocess.Popen, url: str, ca: Path | None, log: Path, timeout_s: float = 180) -> None:
-    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5, context=context) as response:
-                if response.read().strip() == b"OK":
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"mlflow server did not answer /health in {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-
-
-def start_team_server(pg: PgServer, work: Path, *, tls: bool, extra: dict[str, str] | None = None) -> TeamServer:
-    """Start the script's server (`extra`: more of its environment, e.g. an S3 artifact store);
-    the caller must call `stop()` (a finalizer) when done."""
+def start_team_server(pg: PgServer, work: Path, request, *, tls: bool, users: dict[str, str],
+                      extra: dict[str, str] | None = None) -> TeamServer:
+    """Start the script's server, stopped by a finalizer of the pytest `request`, and add
+    `users` (name -> permission) the way `make mlflow-user` does. `extra`: more of the server's
+    environment (an S3 artifact store, say)."""
     certs = make_certificates(work / "tls") if tls else None
     port = free_port()
     admin = ("admin", new_secret())
@@ -106,9 +88,9 @@ def start_team_server(pg: PgServer, work: Path, *, tls: bool, extra: dict[str, s
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     server = TeamServer(url=url, artifacts=work / "artifacts", log=log, pg=pg, ca=certs.ca if certs else None,
                         admin=admin, proc=proc)
-    try:
-        _wait_until_healthy(proc, url, server.ca, log)
-    except BaseException:
-        server.stop()
-        raise
+    request.addfinalizer(server.stop)
+    context = ssl.create_default_context(cafile=str(server.ca)) if server.ca is not None else None
+    wait_until_serving(proc, url, log, context=context)
+    for user, permission in users.items():
+        server.add_user(user, permission)
     return server

@@ -70,11 +70,8 @@ def team_server(tmp_path_factory, request):
     """The team server (plain HTTP: loopback only), with an editor and a viewer (READ)."""
     pg = start_postgres()
     request.addfinalizer(pg.stop)
-    server = start_team_server(pg, tmp_path_factory.mktemp("mlflow-server"), tls=False)
-    request.addfinalizer(server.stop)
-    server.add_user("editor", "EDIT")
-    server.add_user("viewer", "READ")
-    return server
+    return start_team_server(pg, tmp_path_factory.mktemp("mlflow-server"), request, tls=False,
+                             users={"editor": "EDIT", "viewer": "READ"})
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +154,7 @@ def test_mlflow_ui_compares_the_two_learning_rates(logged_in, two_lrs, team_serv
     #    four runs (cnn and mlp, twice), each linking to its own page.
     browser.get(f"{tracking_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
     _wait_for_text(browser, EXPERIMENT, "Run Name", "4 matching runs")
+    assert "viewer" in _page_text(browser).splitlines()  # the account menu: logged in as the viewer
     for run_id in lr:
         _wait_until(browser, f"a link to run {run_id}",
                     lambda d, run_id=run_id: d.find_elements("css selector", f'a[href*="{run_id}"]'))

@@ -54,12 +54,11 @@ def postgres(request):
 def mlflow_server(s3, postgres, tmp_path_factory, request):
     """The team server, artifacts in s3://BUCKET/mlflow; only the server holds the S3 keys."""
     work = tmp_path_factory.mktemp("mlflow-server")
-    server = start_team_server(postgres, work, tls=False, extra={
+    server = start_team_server(postgres, work, request, tls=False, users={}, extra={
         "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/{ARTIFACTS}",
         "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
         **s3.aws_env,
     })
-    request.addfinalizer(server.stop)
     server.work = work  # where a local artifact store would appear
     return server
 

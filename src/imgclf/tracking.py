@@ -174,6 +174,9 @@ def check_reachable(uri: str, experiment: str | None = None, registered_model: s
         username = _credentials(uri)[2]
         whose = f"refused the credentials of user {username!r}" if username else "needs a user name and password"
         raise TrackingError(f"MLflow tracking server {shown} {whose} (401 unauthorized); {_ACCOUNT_HELP}")
+    if status == 403:  # before authentication: MLflow's check of the Host header (DNS rebinding)
+        raise TrackingError(f"MLflow tracking server {shown} refused the request (403 forbidden): its "
+                            "--allowed-hosts must include the host and port of MLFLOW_TRACKING_URI")
     if status == 404 or not isinstance(me, dict) or "user" not in me:
         return  # a server without authentication (MLFLOW_AUTH=off on loopback): anyone may write
     user = me["user"]
