@@ -1,4 +1,4 @@
-"""Every `dvc exp run -S key=value` that README.md shows changes what it says it changes: some
+"""Every `dvc exp run -S key=value` that README.md (or docs/) shows changes what it says it changes: some
 model's effective config (or the data set), and nothing that the comment beside it excludes;
 and the key README shows as refused is refused, with the message README quotes."""
 
@@ -16,10 +16,11 @@ from imgclf.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 SHIPPED = config.read_params(ROOT / "params.yaml")
 # `dvc exp run [...] -S key=value [...]  # comment`, in README's code blocks.
 COMMANDS = sorted({(m.group(1), m.group(2), m.group(3) or "") for m in re.finditer(
-    r"dvc exp run[^\n]*?-S ([\w.]+)=([^\s`,]+)[^\n#]*(?:#([^\n]*))?", README)})
+    r"dvc exp run[^\n]*?-S ([\w.]+)=([^\s`,]+)[^\n#]*(?:#([^\n]*))?", DOCS)})
 
 
 def _apply(params: dict, key: str, value: str) -> dict:
