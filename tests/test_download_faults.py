@@ -284,7 +284,8 @@ def test_download_stage_fails_in_one_line_then_succeeds_from_a_good_mirror(good,
         assert "Traceback" not in proc.stderr
         data = project.path / "data"
         assert not (data / "raw").exists()
-        assert listing(data) == []  # no half-filled temporary directory either
+        # No half-filled temporary directory either: only the project's own data/images.
+        assert listing(data) == ["images", "images/README.md"]
 
         set_params(project.path, lambda p: p["datasets"]["fashion_mnist"].update(mirrors=[busy, good_url]))
         project.run("python", "stages/download.py")
