@@ -4,7 +4,10 @@ changes, duplicates, archives. Real image files, written by Pillow, read by the 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import io
+import json
 import struct
 import tarfile
 import zipfile
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import make_project, serve_directory
 from imgclf import config
 from imgclf.data import folder
 from imgclf.data.images import ImageError, decode
@@ -348,3 +352,35 @@ def test_an_archive_entry_names_exactly_one_tar_or_zip():
         config.load_dataset("mine", params)
     params["datasets"]["mine"]["files"] = {"p.tar.gz": "0" * 64}
     assert config.load_dataset("mine", params).files == {"p.tar.gz": "0" * 64}
+
+
+@pytest.mark.slow
+def test_an_archive_at_a_url_is_fetched_verified_and_read_by_the_stages(tmp_path):
+    """The user's third way in: `mirrors` + `files` naming a .tar.gz and its SHA-256; the real
+    download and preprocess stages, against a loopback server."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    archive = mirror / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in _members().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    checksum = hashlib.sha256(gzip.decompress(archive.read_bytes())).hexdigest()  # of the content, as for .gz files
+    with serve_directory(mirror) as url:
+        def choose(params):
+            params["download"].update(dataset="photos", retries=0)
+            params["datasets"]["photos"] = {"mirrors": [url], "files": {"photos.tar.gz": checksum},
+                                            "image_size": [8, 8], "channels": 1}
+        (tmp_path / "base").mkdir()
+        project = make_project(tmp_path / "base", choose)
+        for stage in ("validate", "download", "preprocess"):
+            proc = project.run("python", f"stages/{stage}.py", check=False)
+            assert proc.returncode == 0, proc.stderr
+    processed = project.path / "data" / "processed"
+    meta = json.loads((processed / "meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["source"]["kind"] == "archive"
+    assert meta["version"]["checksum"] == checksum
+    assert sum(meta["counts"].values()) == 60
+    assert (processed / "manifest.csv").read_text().startswith("path,class,split,sha256,note\n")
+    assert sorted(p.name for p in (project.path / "data" / "raw").iterdir()) == ["photos.tar"]

@@ -29,7 +29,7 @@ HEIGHT, WIDTH = 12, 16
 REGISTERED = "predict-test-classifier"
 
 
-def make_checkpoint(path: Path, channels: int = 1, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, channels: int = 1, seed: int = 0, resize: str | None = None) -> Path:
     """A small untrained CNN saved as the pipeline saves models (no training: seconds matter)."""
     cfg = CNNConfig(arch="cnn", channels=[4], hidden=8, batch_norm=False)
     shape = (channels, HEIGHT, WIDTH)
@@ -40,7 +40,8 @@ def make_checkpoint(path: Path, channels: int = 1, seed: int = 0) -> Path:
         # a wrong image or a swapped row would go unnoticed.
         for p in model.parameters():
             p.mul_(4)
-    meta = {"shape": list(shape), "classes": CLASSES, "mean": [0.3] * channels, "std": [0.25] * channels}
+    meta = {"shape": list(shape), "classes": CLASSES, "mean": [0.3] * channels, "std": [0.25] * channels,
+            **({"resize": resize} if resize else {})}
     checkpoint.save(path, model, cfg=cfg, meta=meta, loss="cross_entropy", extra={})
     return path
 
@@ -437,3 +438,15 @@ def test_unknown_registered_model_fails_in_one_line(images, store_env, tmp_path,
     assert lines[0].startswith(f"error: --model-uri models:/no-such-model@champion: cannot load a model in the "
                                f"store {store} (")
     assert "no-such-model" in lines[0] and lines[0].endswith("runs:/<run id>/model")
+
+
+def test_a_model_trained_on_an_image_folder_resizes_as_its_training_images_were(tmp_path):
+    """An image folder's resize policy travels in the checkpoint; predict applies it."""
+    padded = predict.from_checkpoint(make_checkpoint(tmp_path / "pad.pt", resize="pad"))
+    assert padded.resize == "pad"
+    assert predict.from_checkpoint(make_checkpoint(tmp_path / "old.pt")).resize == "stretch"  # built-in sets
+    tall = tmp_path / "tall.png"
+    Image.new("L", (4, 40), 255).save(tall)  # white, far taller than the model's 12x16
+    pixels = predict.load_pixels(tall, padded.in_shape, resize=padded.resize)[0]
+    assert pixels[:, 0].max() == 0 and pixels[:, -1].max() == 0  # black borders left and right
+    assert pixels[:, WIDTH // 2].min() == 255

@@ -24,29 +24,30 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def make_outputs(root: Path, models: list[str], shape: tuple[int, int, int] = (1, 28, 28),
-                 per_class: int = 3) -> tuple[Path, Path, dict[str, float]]:
+                 per_class: int = 3, classes: list[str] = CLASSES,
+                 meta_extra: dict | None = None) -> tuple[Path, Path, dict[str, float]]:
     """Processed data and per-model metrics as the pipeline writes them; returns the test accuracies."""
     rng = np.random.default_rng(0)
     processed, metrics = root / "processed", root / "metrics"
     processed.mkdir(parents=True)
-    labels = np.tile(np.arange(len(CLASSES), dtype=np.int64), per_class)
+    labels = np.tile(np.arange(len(classes), dtype=np.int64), per_class)
     images = rng.integers(0, 256, size=(len(labels), *shape), dtype=np.uint8)
     for split in ("train", "test"):
         np.save(processed / f"{split}_images.npy", images)
         np.save(processed / f"{split}_labels.npy", labels)
     _write_json(processed / "meta.json", {
-        "dataset": "fashion_mnist", "classes": CLASSES, "shape": list(shape), "mean": [0.286] * shape[0],
+        "dataset": "fashion_mnist", "classes": classes, "shape": list(shape), "mean": [0.286] * shape[0],
         "std": [0.353] * shape[0], "counts": {"train": len(labels), "val": 0, "test": len(labels)},
-        "val_fraction": 0.1, "seed": 42})
+        "val_fraction": 0.1, "seed": 42, **(meta_extra or {})})
     accuracies = {}
     for k, name in enumerate(models):
         folder = metrics / name
         predicted = labels.copy()
         wrong = np.arange(k, len(labels), 3 + k)  # a different, known set of mistakes per model
-        predicted[wrong] = (labels[wrong] + 1) % len(CLASSES)
+        predicted[wrong] = (labels[wrong] + 1) % len(classes)
         confidence = np.round(np.linspace(0.99, 0.4, len(labels)), 6)
         accuracies[name] = float(np.mean(predicted == labels))
-        cm = np.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+        cm = np.bincount(labels * len(classes) + predicted, minlength=len(classes) ** 2).reshape(len(classes), -1)
         folder.mkdir(parents=True)
         (folder / "history.csv").write_text(
             "epoch,lr,train/loss,train/accuracy,val/loss,val/accuracy\n"
@@ -59,14 +60,14 @@ def make_outputs(root: Path, models: list[str], shape: tuple[int, int, int] = (1
                                              "machine": "x86_64", "torch": "2.14.1"})
         _write_json(folder / "test.json", {
             "test/loss": 0.5, "test/accuracy": accuracies[name], "test/images": len(labels),
-            "test/per_class_accuracy": {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}})
-        _write_json(folder / "confusion.json", {"classes": CLASSES, "counts": cm.tolist()})
+            "test/per_class_accuracy": {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(classes)}})
+        _write_json(folder / "confusion.json", {"classes": classes, "counts": cm.tolist()})
         _write_json(folder / "misclassified.json", [
-            {"index": int(i), "actual": CLASSES[labels[i]], "predicted": CLASSES[predicted[i]],
+            {"index": int(i), "actual": classes[labels[i]], "predicted": classes[predicted[i]],
              "confidence": float(confidence[i])} for i in wrong[:5]])
         (folder / "predictions.csv").write_text(
             "index,actual,predicted,confidence\n"
-            + "".join(f"{i},{CLASSES[a]},{CLASSES[p]},{c:.6f}\n"
+            + "".join(f"{i},{classes[a]},{classes[p]},{c:.6f}\n"
                       for i, (a, p, c) in enumerate(zip(labels, predicted, confidence))), encoding="utf-8")
     return processed, metrics, accuracies
 
@@ -176,3 +177,23 @@ def test_single_model_with_colour_32x32_images(tmp_path):
     assert all(_png_size(data) for data in report.figures.values())
     assert f"{100 * accuracies['resnet']:.2f}%" in report.html
     assert "3×32×32 grid becomes a single list of 3072 numbers" in report.html
+
+
+def test_many_classes_keep_the_report_readable_and_it_states_the_data_version(tmp_path):
+    classes = [f"class-{i:02d}" for i in range(45)]
+    version = {"dvc_md5": "0123456789abcdef0123.dir", "content_sha256": "f" * 64}
+    counts = {s: {c: 3 for c in classes} for s in ("train", "val", "test")}
+    processed, metrics, _ = make_outputs(tmp_path, ["cnn"], per_class=3, classes=classes, meta_extra={
+        "format": "folder", "title": "My photos", "version": version, "counts_per_class": counts,
+        "source": {"kind": "dvc add", "path": "data/images/mine"}, "duplicates": 2,
+        "skipped": [{"path": "a/b.png", "reason": "empty file"}]})
+    report = build_report(load_inputs(["cnn"], processed, metrics), CFG, {"cnn": None})
+    # No figure with one row or column per class: the hardest classes and most confused pairs instead.
+    assert sorted(report.figures) == ["curves.png", "misclassified_cnn.png", "predictions.png", "samples.png"]
+    md = report.markdown
+    assert md.startswith("# My photos: cnn")
+    assert "Version: DVC hash 0123456789abcdef (source: dvc add, data/images/mine)." in md
+    assert "1 bad file(s) skipped: a/b.png (empty file). 2 exact duplicate file(s) left out" in md
+    assert "(the first 30 of 45 classes)" in md
+    assert "The 20 classes cnn finds hardest" in md and "| Actual | Predicted | Test images |" in md
+    assert "by content hash" in md

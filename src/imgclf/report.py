@@ -23,7 +23,7 @@ import pandas as pd
 
 from imgclf import __version__, plots
 from imgclf.config import ReportConfig
-from imgclf.data.dataset import Split, load_meta, load_split
+from imgclf.data.dataset import Split, load_meta, load_split, source_version
 from imgclf.errors import DataError
 from imgclf.schema import HISTORY_COLUMNS, PREDICTION_COLUMNS
 
@@ -206,11 +206,10 @@ def _mistakes(m: ModelResults, slug: str, test: Split, classes: list[str]) -> li
 
 
 def _version(meta: dict[str, Any]) -> str:
-    version = meta.get("version") or {}
-    for key in ("dvc_md5", "checksum", "content_sha256", "checksums"):
-        if version.get(key):
-            return f"{key} {str(version[key])[:16]}"
-    return "not recorded"
+    labels = {"dvc_md5": "DVC hash", "checksum": "archive checksum", "content_sha256": "content SHA-256",
+              "checksums": "digest of the files' checksums"}
+    kind, value = source_version(meta)
+    return f"{labels[kind]} {value[:16]}" if kind in labels else "not recorded"
 
 
 def _split_rule(meta: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from imgclf.data.dataset import source_version
 from imgclf.errors import TrackingError
 from imgclf.paths import ROOT, home_root
 
@@ -276,16 +277,6 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
     return tags
 
 
-def source_version(meta: dict[str, Any]) -> str:
-    """The version of the data set itself (before preprocessing): the DVC hash of an image
-    folder, an archive's checksum, or a digest of the built-in files' checksums."""
-    version = meta.get("version") or {}
-    for key in ("dvc_md5", "checksum", "content_sha256", "checksums"):
-        if version.get(key):
-            return str(version[key])
-    return "unknown"
-
-
 def log_data(meta: dict[str, Any], context: str) -> None:
     """Record the run's data with MLflow's dataset tracking (the run's Datasets panel): name,
     digest (the source's version and the processed data's DVC hash), source, and a profile of
@@ -343,9 +334,9 @@ def log_data(meta: dict[str, Any], context: str) -> None:
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
     # MLflow stores at most 36 characters of digest: both versions, shortened.
-    digest = f"{source_version(meta)[:17]}-{processed[:18]}"
+    digest = f"{source_version(meta)[1][:17]}-{processed[:18]}"
     mlflow.log_input(Data(Source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest), context=context)
-    mlflow.set_tags({"data_source_version": source_version(meta), "data_version": processed})
+    mlflow.set_tags({"data_source_version": source_version(meta)[1], "data_version": processed})
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:

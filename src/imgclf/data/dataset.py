@@ -23,6 +23,17 @@ class Split:
     labels: np.ndarray  # int64, (N,)
 
 
+# meta.json's `version` keys, most specific first: the DVC hash of an image folder, an archive's
+# checksum, a digest of the images used, a digest of the built-in files' checksums.
+VERSION_KEYS = ("dvc_md5", "checksum", "content_sha256", "checksums")
+
+
+def source_version(meta: dict[str, Any]) -> tuple[str, str]:
+    """(kind, value) of the data set's own version (before preprocessing), from meta.json."""
+    version = meta.get("version") or {}
+    return next(((k, str(version[k])) for k in VERSION_KEYS if version.get(k)), ("unknown", "unknown"))
+
+
 def check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
     bad = int(np.count_nonzero((labels < 0) | (labels >= n_classes)))
     if bad:
