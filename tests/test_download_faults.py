@@ -289,4 +289,5 @@ def test_download_stage_fails_in_one_line_then_succeeds_from_a_good_mirror(good,
 
         set_params(project.path, lambda p: p["datasets"]["fashion_mnist"].update(mirrors=[busy, good_url]))
         project.run("python", "stages/download.py")
-    assert listing(data) == sorted(["raw", *(f"raw/{stored_name(n)}" for n in checksums)])
+    assert listing(data) == sorted(["images", "images/README.md", "raw",
+                                    *(f"raw/{stored_name(n)}" for n in checksums)])

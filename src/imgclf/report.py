@@ -219,7 +219,7 @@ def _split_rule(meta: dict[str, Any]) -> str:
 def _data_blocks(meta: dict[str, Any], train: Split, cfg: ReportConfig) -> list[tuple[Any, ...]]:
     classes, per_class = list(meta["classes"]), meta.get("counts_per_class") or {}
     source = meta.get("source") or {}
-    where = source.get("repo") or source.get("path") or ", ".join(source.get("mirrors", [])[:1]) or "unknown"
+    where = source.get("repo") or source.get("path") or source.get("file") or ", ".join(source.get("files", {}))
     blocks: list[tuple[Any, ...]] = [
         ("p", f"Version: {_version(meta)} (source: {source.get('kind', 'unknown')}, {where}).")]
     skipped, duplicates = meta.get("skipped") or [], int(meta.get("duplicates") or 0)

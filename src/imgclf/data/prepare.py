@@ -41,7 +41,9 @@ def prepare(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, 
         "val": Split(train_full.images[val_idx], train_full.labels[val_idx]),
         "test": test,
     }
-    source = {"kind": "download", "mirrors": list(ds.mirrors or []), "files": dict(ds.files or {})}
+    # Mirrors are not part of the data's identity (their files must match the checksums), and
+    # recording them would retrain every model when a mirror is added: only the files are kept.
+    source = {"kind": "download", "files": dict(ds.files or {})}
     version = _digest("".join(f"{k}:{v}\n" for k, v in sorted(source["files"].items())))
     meta = _meta(name, ds, pre, splits, list(ds.classes or []), source, {"checksums": version})
     return Prepared(splits, meta, None)
@@ -54,7 +56,7 @@ def _prepare_folder(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir
     else:
         (file, checksum), = (ds.files or {}).items()
         tree = folder.scan_archive(raw_dir / stored_name(file))
-        source = {"kind": "archive", "mirrors": list(ds.mirrors or []), "file": file}
+        source = {"kind": "archive", "file": file, "checksum": checksum}  # not the mirrors: see above
         version = {"checksum": checksum}
     assert ds.image_size is not None and ds.channels is not None  # DatasetConfig requires both for folders
     plan = folder.ReadPlan(
