@@ -24,3 +24,13 @@ def tiny_fashion(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
     directory = tmp_path / "mirror"
     return directory, make_fashion_like(directory)
+
+
+@pytest.fixture(scope="module")
+def postgres(request):
+    """A throwaway PostgreSQL cluster on loopback for one test module (tests/pgserver.py)."""
+    from pgserver import start_postgres
+
+    pg = start_postgres()
+    request.addfinalizer(pg.stop)
+    return pg

@@ -21,7 +21,6 @@ import pytest
 
 from browser import BrowserUnavailable, start_chromium
 from fixtures import ROOT, tiny_project
-from pgserver import start_postgres
 from teamserver import start_team_server
 
 EXPERIMENT = "fashion-mnist-lesson"
@@ -66,11 +65,9 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def team_server(tmp_path_factory, request):
+def team_server(postgres, tmp_path_factory, request):
     """The team server (plain HTTP: loopback only), with an editor and a viewer (READ)."""
-    pg = start_postgres()
-    request.addfinalizer(pg.stop)
-    return start_team_server(pg, tmp_path_factory.mktemp("mlflow-server"), request, tls=False,
+    return start_team_server(postgres, tmp_path_factory.mktemp("mlflow-server"), request, tls=False,
                              users={"editor": "EDIT", "viewer": "READ"})
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from fixtures import tiny_project
-from pgserver import free_port, start_postgres
+from pgserver import free_port
 from teamserver import start_team_server
 from remotes import MODELS, check_teammate_is_ready, commit_all, lock_outs, output, publish, teammate
 from s3server import start_s3_server
@@ -41,13 +41,6 @@ def s3(request):
     request.addfinalizer(server.stop)
     server.create_bucket(BUCKET)
     return server
-
-
-@pytest.fixture(scope="module")
-def postgres(request):
-    pg = start_postgres()
-    request.addfinalizer(pg.stop)
-    return pg
 
 
 @pytest.fixture(scope="module")

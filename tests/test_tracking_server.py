@@ -25,7 +25,7 @@ from fixtures import BIN, ROOT, TINY, tiny_project
 from imgclf import tracking
 from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
-from pgserver import SUPERUSER, free_port, start_postgres
+from pgserver import SUPERUSER, free_port
 from teamserver import SCRIPT, TeamServer, new_secret, script_env, start_team_server
 EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
@@ -131,13 +131,6 @@ def test_server_script_refuses_an_unsafe_setup_in_one_line(fake_mlflow, env, mes
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: {message}"]
     assert proc.stdout == ""  # mlflow never started
-
-
-@pytest.fixture(scope="module")
-def postgres(request):
-    pg = start_postgres()
-    request.addfinalizer(pg.stop)
-    return pg
 
 
 @pytest.fixture(scope="module")
