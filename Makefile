@@ -82,4 +82,4 @@ clean:
 # Speed and accuracy figures on the real data (about 15 minutes on 2 cores); see README.
 bench: venv data-source
 	dvc repro preprocess
-	$(BIN)/python -m imgclf.benchmark $(BENCH_ARGS)
+	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)

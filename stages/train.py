@@ -7,7 +7,7 @@ from pathlib import Path
 
 from imgclf import cli, distributed
 from imgclf.config import MlflowConfig, load_model, load_section, load_train, read_params
-from imgclf.paths import PROCESSED_DIR, ROOT, metrics_dir, model_dir
+from imgclf.paths import PROCESSED_DIR, SRC_DIR, checkpoint_path, metrics_dir
 from imgclf.training import train_model
 
 
@@ -25,18 +25,9 @@ def main() -> None:
         distributed.launch(Path(__file__).resolve(), [name], cfg)
         return
     with distributed.session(cfg) as ctx:  # this process's share of the job: device, rank
-        train_model(
-            name,
-            ctx,
-            arch=load_model(name, params),
-            cfg=cfg,
-            experiment=mlflow_cfg.experiment,
-            registered_model=mlflow_cfg.registered_as(name),
-            processed_dir=PROCESSED_DIR,
-            checkpoint_path=model_dir(name) / "model.pt",
-            metrics_out=metrics_dir(name),
-            src_dir=ROOT / "src" / "imgclf",
-        )
+        train_model(name, ctx, arch=load_model(name, params), cfg=cfg, experiment=mlflow_cfg.experiment,
+                    registered_model=mlflow_cfg.registered_as(name), processed_dir=PROCESSED_DIR,
+                    checkpoint_path=checkpoint_path(name), metrics_out=metrics_dir(name), src_dir=SRC_DIR)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import torch.multiprocessing as mp
 
 from fixtures import ROOT, set_params, tiny_project, toy_images
 from imgclf import distributed
-from imgclf.config import MLPConfig, TrainConfig
-from imgclf.engine import Normalizer, Shard, fit, resolve_device
+from imgclf.config import Augment, MLPConfig, TrainConfig
+from imgclf.engine import Plan, Shard, fit
 from imgclf.errors import ConfigError
 from imgclf.models import build_model
+from imgclf.runtime import resolve_device
 from imgclf.tracking import file_sha256
+from imgclf.transforms import Normalizer
 
 PYTHON = sys.executable
 
@@ -77,8 +79,9 @@ def _train(shard: Shard, ddp: bool):
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else None
     x, y = toy_images(N_IMAGES)
     vx, vy = toy_images(20, seed=1)
-    history = fit(model, x, y, vx, vy, cfg=CFG, normalize=Normalizer.from_stats([0.2], [0.3]), precision="fp32",
-                  on_improve=lambda record: None, shard=shard, train_module=net, validate=shard.rank == 0)
+    plan = Plan(CFG, Normalizer([0.2], [0.3]), augment=Augment(shift=2, flip=True), shard=shard,
+                validate=shard.rank == 0)
+    history = fit(model, (x, y), (vx, vy), plan, train_module=net)
     return model, history
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from fixtures import TINY, Project, git, make_project, set_params
 
-from imgclf.benchmark import stages_in
+from imgclf.dvcfiles import stages_in
 from imgclf.data.folder import split_of
 
 pytestmark = pytest.mark.slow

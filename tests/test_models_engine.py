@@ -9,14 +9,17 @@ import torch.nn.functional as F
 
 from fixtures import toy_images
 from imgclf import checkpoint
-from imgclf.config import CNNConfig, MLPConfig, TrainConfig
-from imgclf.engine import Normalizer, augment, fit, make_loss, make_optimizer, make_schedule, resolve_device
+from imgclf.config import Augment, CNNConfig, MLPConfig, TrainConfig
+from imgclf.engine import Plan, fit, make_loss, make_optimizer, make_schedule
 from imgclf.errors import DataError, TrainingError
 from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
-from imgclf.training import set_determinism
+from imgclf.runtime import configure, resolve_device
+from imgclf.transforms import Normalizer, augment
 
 MLP_CFG = MLPConfig(arch="mlp", hidden=[32, 16], dropout=0.1)
 CNN_CFG = CNNConfig(arch="cnn", channels=[4, 8], hidden=16, dropout=0.1)
+# Fashion-MNIST's policy: shifts of up to 2 pixels and horizontal flips.
+SHIFT_AND_FLIP = Augment(shift=2, flip=True)
 # The CPU always, and what `train.device: auto` picks when that is another (a GPU): the same
 # tests run on each, so the device path is the code path these tests prove.
 DEVICES = sorted({"cpu", resolve_device("auto").type})
@@ -70,7 +73,7 @@ def test_augment_shifts_and_flips_each_image_independently():
     g = torch.Generator().manual_seed(0)
     pixels = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
     pixels[:, :, 10:18, 12:16] = 200  # an 8x4 bright block, away from the borders
-    out = augment(pixels, g)
+    out = augment(pixels, g, SHIFT_AND_FLIP)
     assert out.shape == pixels.shape and out.dtype == torch.uint8
     # A shift of <= 2 pixels keeps the whole block inside the image: nothing is lost.
     assert torch.equal(out.sum(dim=(1, 2, 3)), pixels.sum(dim=(1, 2, 3)))
@@ -97,12 +100,12 @@ def test_onecycle_schedule_end_points():
 
 def _fit(cfg, model_cfg=CNN_CFG, improvements=None, device="cpu"):
     # As the train stage does it: deterministic settings first, the data and the model on the device.
-    set_determinism(cfg.seed, torch.get_num_threads(), cfg.deterministic)
+    configure(cfg.seed, torch.get_num_threads(), cfg.deterministic)
     model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll").to(device)
     x, y = (t.to(device) for t in toy_images())
     vx, vy = (t.to(device) for t in toy_images(32, seed=1))
-    norm = Normalizer.from_stats([0.2], [0.3]).to(device)
-    hist = fit(model, x, y, vx, vy, cfg=cfg, normalize=norm, precision="fp32",
+    plan = Plan(cfg, Normalizer([0.2], [0.3]).to(device), augment=SHIFT_AND_FLIP if cfg.augment else None)
+    hist = fit(model, (x, y), (vx, vy), plan,
                on_improve=lambda r: improvements.append(r.epoch) if improvements is not None else None)
     return model, hist
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from fixtures import BIN, ROOT
-from imgclf import checkpoint, cli, predict, registry, tracking
+from imgclf import checkpoint, cli, predict, registry, runlog, tracking
 from imgclf.config import CNNConfig
 from imgclf.models import Classifier, build_model
 
@@ -377,7 +377,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(ckpt, images, tmp_path
 # --- the MLflow registry ------------------------------------------------------------------------------
 
 def register_tiny_model(base: Path, ckpt: Path, name: str) -> tuple[str, str]:
-    """Log the checkpoint's classifier as the pipeline does (tracking.log_model), register it
+    """Log the checkpoint's classifier as the pipeline does (runlog.log_model), register it
     and crown it champion (registry.register) in a new SQLite store; return (store, run id)."""
     import mlflow
     from mlflow import MlflowClient
@@ -389,7 +389,7 @@ def register_tiny_model(base: Path, ckpt: Path, name: str) -> tuple[str, str]:
         experiment_id = mlflow.create_experiment("predict", artifact_location=(base / "artifacts").as_uri())
         example = np.random.default_rng(0).integers(0, 256, (4, 1, HEIGHT, WIDTH), dtype=np.uint8)
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            tracking.log_model(classifier_of(ckpt), example, ROOT / "src" / "imgclf", CLASSES)
+            runlog.log_model(classifier_of(ckpt), example, ROOT / "src" / "imgclf", CLASSES)
         registration = registry.register(run.info.run_id, "cnn", name, 0.5, client=MlflowClient(store))
         assert registration is not None and registration.champion == "1"
     finally:

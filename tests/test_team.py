@@ -22,7 +22,7 @@ from remotes import (MODELS, UP_TO_DATE, Published, check_teammate_is_ready, com
                      output, publish, teammate)
 from sshd import SSHDUnavailable, start_sshd
 
-from imgclf.benchmark import stages_in
+from imgclf.dvcfiles import stages_in
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from imgclf import distributed, tracking, training
+from imgclf import distributed, runlog, tracking, training
 from imgclf.config import MLPConfig, TrainConfig
 from imgclf.data.dataset import Split, save_processed
 from imgclf.errors import TrackingError
@@ -43,7 +43,7 @@ def test_logging_failure_after_training_keeps_model_and_metrics(store, monkeypat
     def broken(*args, **kwargs):
         raise ConnectionError("tracking server went away")
 
-    monkeypatch.setattr(tracking, "log_model", broken)
+    monkeypatch.setattr(runlog, "log_model", broken)
     arch = MLPConfig(arch="mlp", hidden=[16])
     cfg = TrainConfig(seed=0, epochs=2, batch_size=16, optimizer="sgd", lr=0.05, threads=1)
     with caplog.at_level(logging.ERROR), distributed.session(cfg) as ctx:
@@ -65,7 +65,7 @@ def test_ensure_model_logged_adds_a_missing_model_once(store, tmp_path):
     src.mkdir()
     with mlflow.start_run(experiment_id=experiment_id) as run:
         for _ in range(2):
-            tracking.ensure_model_logged(experiment_id, run.info.run_id, classifier, example, src)
+            runlog.ensure_model_logged(experiment_id, run.info.run_id, runlog.Servable(classifier, example, src, CLASSES))
     logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     assert [m.source_run_id for m in logged] == [run.info.run_id]
 

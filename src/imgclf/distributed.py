@@ -46,7 +46,8 @@ import torch.distributed as dist
 from torch import nn
 
 from imgclf.config import TrainConfig
-from imgclf.engine import Shard, deterministic_cuda_env, pick_threads, resolve_device
+from imgclf.engine import Shard
+from imgclf.runtime import deterministic_cuda_env, pick_threads, resolve_device
 from imgclf.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)

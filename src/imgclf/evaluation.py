@@ -1,15 +1,25 @@
-"""Test-set metrics: loss, overall and per-class accuracy, confusion, confident mistakes."""
+"""The evaluate stage's work: test loss, overall and per-class accuracy, confusion, confident mistakes."""
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from imgclf import checkpoint
+from imgclf.atomic import write_json, write_text
+from imgclf.config import CNNConfig, EvaluateConfig, MLPConfig
+from imgclf.data.dataset import load_meta, load_split
+from imgclf.engine import make_loss, predict
+from imgclf.models import Classifier
+from imgclf.runlog import Servable, input_example
 from imgclf.schema import PREDICTION_COLUMNS
+from imgclf.transforms import Normalizer
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -54,3 +64,46 @@ def predictions_csv(actual: np.ndarray, predicted: np.ndarray, confidence: np.nd
     for i, (a, p, c) in enumerate(zip(actual, predicted, confidence)):
         writer.writerow([i, classes[a], classes[p], f"{c:.6f}"])
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One checkpoint on the test split: its results, and what is needed to log the model."""
+
+    result: dict[str, Any]  # from `summarize`
+    labels: np.ndarray
+    classes: list[str]
+    servable: Servable
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.result["metrics"]
+
+    def write(self, out: Path) -> list[Path]:
+        """metrics/<model>/: test.json, misclassified.json, confusion.json (returned: MLflow logs
+        them) and predictions.csv."""
+        files = [out / "test.json", out / "misclassified.json", out / "confusion.json"]
+        write_json(files[0], self.metrics)
+        write_json(files[1], self.result["misclassified"])
+        write_json(files[2], {"classes": self.classes, "counts": self.result["confusion"]})
+        write_text(out / "predictions.csv",
+                   predictions_csv(self.labels, self.result["predicted"], self.result["confidence"], self.classes))
+        return files
+
+
+def evaluate_checkpoint(path: Path, arch: MLPConfig | CNNConfig, processed_dir: Path, cfg: EvaluateConfig,
+                        src_dir: Path) -> tuple[Evaluation, dict[str, Any]]:
+    """The evaluate stage's work: the checkpoint's outputs on the test split, summarized.
+    Returns the evaluation and the processed data's meta.json."""
+    model, state = checkpoint.load(path, arch)
+    meta = load_meta(processed_dir)
+    test = load_split(processed_dir, "test", meta)
+    x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
+    # fp32 for the reported figures, whatever precision training used.
+    outputs = predict(model, x, normalize=Normalizer(state["mean"], state["std"]), batch_size=cfg.batch_size,
+                      precision="fp32")
+    loss = float(make_loss(state["loss"])(outputs, y))
+    result = summarize(outputs, y, loss, state["classes"], cfg.top_misclassified)
+    servable = Servable(Classifier(model, state["mean"], state["std"]), input_example(test.images), src_dir,
+                        state["classes"], state.get("resize"))
+    return Evaluation(result, test.labels, list(state["classes"]), servable), meta

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from imgclf.config import CNNConfig, MLPConfig
+from imgclf.transforms import Normalizer
 
 
 class MLP(nn.Module):
@@ -111,16 +112,15 @@ class Classifier(nn.Module):
 
     This is what MLflow logs and serves, so a client needs no knowledge of the training
     statistics: it sends images as they are stored (N, C, H, W) and gets class probabilities.
+    The normalization is the one training and evaluation used (imgclf.transforms.Normalizer).
     """
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.normalize = Normalizer(mean, std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.float() - self.mean) / self.std
-        out = self.model(x)
+        out = self.model(self.normalize(pixels))
         # A log_softmax model already returns log-probabilities; softmax of those is exp.
         return torch.softmax(out, dim=1)

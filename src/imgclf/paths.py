@@ -9,6 +9,8 @@ from pathlib import Path
 # (see stages/_bootstrap.py), so under `dvc exp run --temp` this is the temporary copy.
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS_FILE = ROOT / "params.yaml"
+# The library itself: logged with every model (MLflow code_paths), so it loads without this repo.
+SRC_DIR = ROOT / "src" / "imgclf"
 
 # Written by the validate stage; constant content, so it reruns nothing downstream.
 PARAMS_CHECKED = ROOT / "data" / "params-checked"
@@ -21,6 +23,14 @@ REPORTS_DIR = ROOT / "reports"
 
 def model_dir(name: str) -> Path:
     return MODELS_DIR / name
+
+
+# The file name of every trained model: models/<name>/model.pt.
+CHECKPOINT_NAME = "model.pt"
+
+
+def checkpoint_path(name: str) -> Path:
+    return model_dir(name) / CHECKPOINT_NAME
 
 
 def metrics_dir(name: str) -> Path:

@@ -227,7 +227,7 @@ def from_mlflow(uri: str) -> Predictor:
     shape = extra.get("input_shape") or _signature_shape(info)
     if shape is None:
         raise DataError(f"{uri}: the model states no input shape (neither metadata input_shape nor a "
-                        "tensor signature (-1, C, H, W)); log it with imgclf.tracking.log_model")
+                        "tensor signature (-1, C, H, W)); log it with imgclf.runlog.log_model")
     classes = extra.get("classes") or []
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise DataError(f"{uri}: metadata classes is not a list of names")

@@ -18,9 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from imgclf import cli
+from imgclf import cli, dvcfiles
 from imgclf.errors import PipelineError
 
 SHOWN = 4  # missing paths named in the message; the rest are counted
@@ -46,15 +44,13 @@ def repo_root(start: Path) -> Path:
 
 def locked_outputs(root: Path) -> dict[str, str]:
     """{output path: the stage that produces it} for every output recorded in dvc.lock."""
-    lock = root / "dvc.lock"
     try:
-        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    except FileNotFoundError:
-        raise PullError(f"{lock} is missing: nothing has been run and committed yet, so there is nothing to "
-                        "pull; run `dvc repro`") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise PullError(f"{lock}: unreadable ({' '.join(str(exc).split())})") from None
-    return {out["path"]: stage for stage, entry in stages.items() for out in (entry or {}).get("outs", [])}
+        return {path: out.stage for path, out in dvcfiles.locked_outputs(root).items()}
+    except dvcfiles.LockError as exc:
+        if not (root / "dvc.lock").exists():
+            raise PullError(f"{exc}: nothing has been run and committed yet, so there is nothing to "
+                            "pull; run `dvc repro`") from None
+        raise PullError(str(exc)) from None
 
 
 def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:

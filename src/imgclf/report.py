@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf import __version__, plots
+from imgclf.atomic import atomic_dir, write_text
 from imgclf.config import ReportConfig
 from imgclf.data.dataset import Split, load_meta, load_split, source_version
 from imgclf.errors import DataError
@@ -72,6 +73,14 @@ class Report:
     html: str
     markdown: str
     figures: dict[str, bytes]  # file name under reports/figures/ -> PNG bytes
+
+    def write(self, reports_dir: Path) -> None:
+        """report.html, report.md and figures/ (replaced as a whole: no stale figure stays)."""
+        with atomic_dir(reports_dir / "figures") as tmp:
+            for file_name, png in self.figures.items():
+                (tmp / file_name).write_bytes(png)
+        write_text(reports_dir / "report.md", self.markdown)
+        write_text(reports_dir / "report.html", self.html)
 
 
 def _bad(path: Path, problem: str) -> DataError:

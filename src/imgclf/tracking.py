@@ -20,9 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from imgclf.data.dataset import source_version
+from imgclf.dvcfiles import LockError, locked_outputs
 from imgclf.errors import TrackingError
 from imgclf.paths import ROOT, home_root
 
@@ -252,16 +250,11 @@ def git_commit() -> str:
 
 def data_version(output: str = "data/processed") -> str:
     """The DVC hash of an output as dvc.lock records it (what `dvc pull` would fetch)."""
-    lock = ROOT / "dvc.lock"
     try:
-        stages = yaml.safe_load(lock.read_text(encoding="utf-8")).get("stages", {})
-    except (OSError, AttributeError, yaml.YAMLError):
+        locked = locked_outputs(ROOT).get(output)
+    except LockError:
         return "unknown"
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if out.get("path") == output:
-                return str(out.get("md5", "unknown"))
-    return "unknown"
+    return locked.md5 if locked else "unknown"
 
 
 def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
@@ -275,78 +268,6 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
     if exp:
         tags["dvc_exp_name"] = exp
     return tags
-
-
-def log_data(meta: dict[str, Any], context: str) -> None:
-    """Record the run's data with MLflow's dataset tracking (the run's Datasets panel): name,
-    digest (the source's version and the processed data's DVC hash), source, and a profile of
-    images per class and split."""
-    import mlflow
-    from mlflow.data.dataset import Dataset
-    from mlflow.data.dataset_source import DatasetSource
-
-    class Source(DatasetSource):
-        def __init__(self, info: dict[str, Any]):
-            self._info = info
-
-        @staticmethod
-        def _get_source_type() -> str:
-            return "dvc"
-
-        def load(self, **kwargs: Any) -> Any:
-            raise NotImplementedError("fetch the data with `dvc pull` or `dvc import`")
-
-        @staticmethod
-        def _can_resolve(raw_source: Any) -> bool:
-            return False
-
-        @classmethod
-        def _resolve(cls, raw_source: Any) -> Source:
-            return cls(raw_source)
-
-        def to_dict(self) -> dict[str, Any]:
-            return self._info
-
-        @classmethod
-        def from_dict(cls, source_dict: dict[Any, Any]) -> Source:
-            return cls(source_dict)
-
-    processed = data_version()
-    profile = {"version": meta.get("version", {}), "processed_dvc_md5": processed,
-               "counts": meta.get("counts", {}), "counts_per_class": meta.get("counts_per_class", {}),
-               "duplicates": meta.get("duplicates", 0), "skipped": len(meta.get("skipped", []))}
-
-    class Data(Dataset):
-        def _compute_digest(self) -> str:
-            return ""
-
-        @property
-        def profile(self) -> dict[str, Any]:
-            return profile
-
-        @property
-        def schema(self) -> None:
-            return None
-
-        def to_dict(self) -> dict[str, str]:
-            import json
-
-            return {**super().to_dict(), "profile": json.dumps(profile)}
-
-    # MLflow stores at most 36 characters of digest: both versions, shortened.
-    digest = f"{source_version(meta)[1][:17]}-{processed[:18]}"
-    mlflow.log_input(Data(Source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest), context=context)
-    mlflow.set_tags({"data_source_version": source_version(meta)[1], "data_version": processed})
-
-
-def flatten(prefix: str, obj: Any) -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'prefix.a.b': 1}; lists become their string form."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), value))
-        return out
-    return {prefix: obj}
 
 
 def file_sha256(path: Path) -> str:
@@ -387,51 +308,3 @@ def resume_run(experiment_id: str, model_sha256: str, model_name: str, stage: st
         return
     with mlflow.start_run(run_id=run.info.run_id) as active:
         yield active.info.run_id
-
-
-def input_example(images: Any) -> Any:
-    """A few raw images as MLflow's input example: uint8 (N, C, H, W), what a client sends."""
-    import numpy as np
-
-    return np.ascontiguousarray(images[:4])
-
-
-def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] | None = None,
-              resize: str | None = None) -> None:
-    """Log the servable model (normalization inside) with its signature and an input example.
-
-    The class names travel in the model's metadata, so a client of `models:/<name>@champion`
-    can name what the probability columns mean without the project's files.
-    """
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.inference_mode():
-        probs = classifier(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, probs)
-    mlflow.pytorch.log_model(
-        classifier,
-        name="model",
-        signature=signature,
-        input_example=example,
-        # Pinned explicitly: inferring requirements would import-scan the environment (slow).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        code_paths=[str(src_dir)],
-        metadata={"classes": list(classes or []), "input_shape": list(example.shape[1:]),
-                  **({"resize": resize} if resize else {})},
-    )
-
-
-def ensure_model_logged(experiment_id: str, run_id: str, classifier: Any, example: Any, src_dir: Path,
-                        classes: list[str] | None = None, resize: str | None = None) -> None:
-    """Log the model to the active run unless that run already has one (it lacks one when the
-    model came from DVC's cache or a remote, or when logging failed after training)."""
-    import mlflow
-
-    existing = mlflow.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
-    )
-    if not existing:
-        log.info("run %s has no logged model yet: logging it", run_id)
-        log_model(classifier, example, src_dir, classes, resize)

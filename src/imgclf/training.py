@@ -1,4 +1,9 @@
-"""The train stage's work: data in, best checkpoint, history and metrics out, all logged."""
+"""The train stage's work: data in, best checkpoint, history and metrics out.
+
+`train_model` runs in one process, alone or as one process of a torchrun job. Only the process
+that writes outputs validates, saves the checkpoint and metrics, and logs to MLflow (what it
+logs: imgclf.runlog).
+"""
 
 from __future__ import annotations
 
@@ -6,35 +11,24 @@ import csv
 import io
 import json
 import logging
-import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from imgclf import checkpoint, distributed, tracking
+from imgclf import checkpoint, distributed, runlog, runtime, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
-from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import (Augmentation, EpochRecord, Normalizer, describe_device, deterministic_cuda_env, fit,
-                           resolve_precision)
+from imgclf.data.dataset import Split, load_meta, load_split
+from imgclf.engine import EpochRecord, Plan, fit
 from imgclf.models import Classifier, build_model, count_parameters
 from imgclf.schema import HISTORY_COLUMNS
+from imgclf.transforms import Normalizer, augmentation_of
 
 log = logging.getLogger(__name__)
-
-
-def set_determinism(seed: int, threads: int, deterministic: bool = True) -> None:
-    """With `deterministic`: same seed, params, code, data, thread count and device -> the same
-    bytes out. Without it, cuDNN may pick its fastest kernels by timing them (cudnn.benchmark),
-    which varies run to run; the CPU path computes the same either way."""
-    if deterministic:
-        deterministic_cuda_env()
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
 
 
 def history_csv(history: list[EpochRecord]) -> str:
@@ -45,6 +39,60 @@ def history_csv(history: list[EpochRecord]) -> str:
         writer.writerow([r.epoch, f"{r.lr:.8g}", f"{r.train['loss']:.6f}", f"{r.train['accuracy']:.6f}",
                          f"{r.val['loss']:.6f}", f"{r.val['accuracy']:.6f}"])
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The processed data one fit reads, checked to be the same on every process."""
+
+    meta: dict[str, Any]
+    train: Split
+    val: Split
+
+    @classmethod
+    def load(cls, processed_dir: Path, ctx: distributed.Context, cfg: TrainConfig, arch: MLPConfig | CNNConfig) -> Inputs:
+        meta = load_meta(processed_dir)
+        train, val = load_split(processed_dir, "train", meta), load_split(processed_dir, "val", meta)
+        distributed.check_same_inputs(
+            ctx, params=[cfg.model_dump_json().encode(), arch.model_dump_json().encode()],
+            data=[json.dumps(meta, sort_keys=True).encode(), train.images, train.labels, val.images, val.labels],
+        )
+        return cls(meta, train, val)
+
+    def tensors(self, split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return runtime.place(torch.from_numpy(split.images), device), runtime.place(torch.from_numpy(split.labels), device)
+
+
+def build(arch: MLPConfig | CNNConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distributed.Context) -> nn.Module:
+    """The untrained model on this process's device, seeded alike on every process."""
+    model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
+    # channels_last: faster convolutions with oneDNN on CPUs and with tensor cores on GPUs.
+    model = model.to(ctx.device, memory_format=torch.channels_last)
+    if ctx.rank > 0:
+        # Same initial weights everywhere (DDP also broadcasts rank 0's), but each process its
+        # own dropout masks; rank 0 keeps the single-process stream.
+        torch.manual_seed(cfg.seed + ctx.rank)
+    return model
+
+
+class BestCheckpoint:
+    """on_improve for `fit`: saved at every improvement, so an interrupted run still leaves its
+    best model so far."""
+
+    def __init__(self, path: Path, model: nn.Module, arch: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str):
+        self.path, self.model, self.arch, self.meta, self.loss = path, model, arch, meta, loss
+        self.record: EpochRecord | None = None
+
+    def __call__(self, record: EpochRecord) -> None:
+        self.record = record
+        checkpoint.save(self.path, self.model, cfg=self.arch, meta=self.meta, loss=self.loss,
+                        extra={"epoch": record.epoch, "val_loss": record.val["loss"]})
+
+    def servable(self, example_images: Any, src_dir: Path) -> runlog.Servable:
+        """The saved best model as MLflow logs it (reloaded: the live model is the last epoch's)."""
+        model, state = checkpoint.load(self.path, self.arch)
+        return runlog.Servable(Classifier(model, state["mean"], state["std"]), runlog.input_example(example_images),
+                               src_dir, self.meta["classes"], self.meta.get("resize"))
 
 
 def train_model(
@@ -60,124 +108,74 @@ def train_model(
     metrics_out: Path,
     src_dir: Path,
 ) -> None:
-    """Train one model in this process, alone or as one process of a torchrun job
-    (`ctx` from imgclf.distributed.session). Only the writing process validates, saves the
-    checkpoint and metrics, and logs to MLflow."""
-    device = ctx.device
-    precision = resolve_precision(cfg.precision, device)
-    threads = ctx.threads(cfg.threads)
-    meta = load_meta(processed_dir)
-    train = load_split(processed_dir, "train", meta)
-    val = load_split(processed_dir, "val", meta)
-    distributed.check_same_inputs(
-        ctx, params=[cfg.model_dump_json().encode(), arch.model_dump_json().encode()],
-        data=[json.dumps(meta, sort_keys=True).encode(), train.images, train.labels, val.images, val.labels],
-    )
+    """Train one model in this process (`ctx` from imgclf.distributed.session)."""
+    inputs = Inputs.load(processed_dir, ctx, cfg, arch)
     # The writer alone opens MLflow (other processes must not even create a run); it fails
     # now, not after an hour of training (also when the user could log the run but not register
     # the model: that would only show in the evaluate stage).
     experiment_id = tracking.setup(experiment, registered_model) if ctx.is_writer else ""
-
-    set_determinism(cfg.seed, threads, cfg.deterministic)
-    model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
-    # channels_last: faster convolutions with oneDNN on CPUs and with tensor cores on GPUs.
-    model = model.to(device, memory_format=torch.channels_last)
-    if ctx.rank > 0:
-        # Same initial weights everywhere (DDP also broadcasts rank 0's), but each process its
-        # own dropout masks; rank 0 keeps the single-process stream.
-        torch.manual_seed(cfg.seed + ctx.rank)
+    threads = ctx.threads(cfg.threads)
+    runtime.configure(cfg.seed, threads, cfg.deterministic)
+    meta, device = inputs.meta, ctx.device
+    model = build(arch, cfg, meta, ctx)
+    plan = Plan(cfg, Normalizer(meta["mean"], meta["std"]).to(device), runtime.resolve_precision(cfg.precision, device),
+                augment=augmentation_of(meta) if cfg.augment else None, shard=ctx.shard, validate=ctx.is_writer)
     net = distributed.wrap(model, ctx)
-    n_params = count_parameters(model)
-    normalize = Normalizer.from_stats(meta["mean"], meta["std"]).to(device)
-    # Each split is moved to the device once; batches are gathered there (imgclf.engine).
-    train_x, train_y = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
-    val_x, val_y = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
-    augmentation = Augmentation.from_meta(meta)
+    # Each split is placed once (imgclf.runtime.place); batches are gathered from it.
+    train, val = inputs.tensors(inputs.train, device), inputs.tensors(inputs.val, device)
     if not ctx.is_writer:
-        fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize, precision=precision,
-            augmentation=augmentation, on_improve=lambda record: None, shard=ctx.shard, train_module=net,
-            validate=False)
+        fit(model, train, val, plan, train_module=net)
         return
-    per_process = cfg.batch_size // ctx.world_size
-    log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step",
-             name, arch.arch.upper(), n_params, describe_device(device), precision, threads, ctx.world_size,
-             per_process)
-
-    import mlflow
-
-    best: dict[str, EpochRecord] = {}
-
-    def save_best(record: EpochRecord) -> None:
-        # Saved at every improvement, so an interrupted run still leaves its best model so far.
-        best["record"] = record
-        checkpoint.save(checkpoint_path, model, cfg=arch, meta=meta, loss=cfg.loss,
-                        extra={"epoch": record.epoch, "val_loss": record.val["loss"]})
-
-    def log_epoch(record: EpochRecord) -> None:
-        mlflow.log_metrics(
-            {
-                "train/loss": record.train["loss"], "train/accuracy": record.train["accuracy"],
-                "val/loss": record.val["loss"], "val/accuracy": record.val["accuracy"], "lr": record.lr,
-                "train/epoch_seconds": record.train["seconds"], "train/images_per_s": record.train["images_per_s"],
-            },
-            step=record.epoch,
-        )
-
-    tags = tracking.provenance_tags(name, f"train@{name}")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
-        mlflow.log_params({
-            **tracking.flatten("train", cfg.model_dump()),
-            **tracking.flatten("model", arch.model_dump(exclude={"train"})),
-            **tracking.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}),
-            "model.parameters": n_params, "train.threads_used": threads, "train.precision_used": precision,
-            "train.device_used": describe_device(device),
-            # batch_size is the global batch: world_size processes x batch_per_process images.
-            "train.world_size": ctx.world_size, "train.batch_per_process": per_process,
-            "train.effective_batch": cfg.batch_size,
-        })
-        tracking.log_data(meta, "training")
+    facts = run_facts(model, plan, threads, ctx)
+    log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step", name,
+             arch.arch.upper(), facts["model.parameters"], facts["train.device_used"], plan.precision, threads,
+             ctx.world_size, facts["train.batch_per_process"])
+    best = BestCheckpoint(checkpoint_path, model, arch, meta, cfg.loss)
+    params = {**runlog.flatten("train", cfg.model_dump()), **runlog.flatten("model", arch.model_dump(exclude={"train"})),
+              **runlog.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}), **facts}
+    with runlog.training_run(experiment_id, name, params, meta):
         started = time.perf_counter()
-        history = fit(model, train_x, train_y, val_x, val_y, cfg=cfg, normalize=normalize,
-                      precision=precision, augmentation=augmentation,
-                      on_improve=save_best, on_epoch=log_epoch, shard=ctx.shard, train_module=net)
+        history = fit(model, train, val, plan, on_improve=best, on_epoch=runlog.log_epoch, train_module=net)
         train_seconds = time.perf_counter() - started
-        record = best["record"]
-        summary = {
-            "best_epoch": record.epoch,
-            "val/loss": round(record.val["loss"], 6),
-            "val/accuracy": round(record.val["accuracy"], 6),
-            "parameters": n_params,
-            "epochs": cfg.epochs,
-        }
-        # Timings vary run to run, so they live apart from the byte-reproducible outputs.
-        epoch_seconds = [r.train["seconds"] for r in history]
-        timing = {
-            "train_seconds": round(train_seconds, 3),
-            "epoch_seconds": [round(s, 3) for s in epoch_seconds],
-            "images_per_s": round(len(train_y) * len(history) / sum(epoch_seconds), 1),
-            "threads": threads,
-            "precision": precision,
-            "device": describe_device(device),
-            "processes": ctx.world_size,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch": torch.__version__,
-        }
-        write_text(metrics_out / "history.csv", history_csv(history))
-        write_json(metrics_out / "train.json", summary)
-        write_json(metrics_out / "timing.json", timing)
-        model_sha = tracking.file_sha256(checkpoint_path)
-        try:
-            mlflow.set_tags({"model_sha256": model_sha, "best_epoch": str(record.epoch)})
-            mlflow.log_metrics({"best/val_loss": record.val["loss"], "best/val_accuracy": record.val["accuracy"],
-                                "train/seconds": train_seconds})
-            best_model, state = checkpoint.load(checkpoint_path, arch)
-            classifier = Classifier(best_model, state["mean"], state["std"])
-            tracking.log_model(classifier, tracking.input_example(val.images), src_dir, meta["classes"],
-                               meta.get("resize"))
-        except Exception as exc:  # noqa: BLE001 - any tracking failure (HTTP, SQL, disk) is handled alike
-            # The model and metrics are already written: losing minutes of training to a
-            # tracking hiccup helps nobody. The evaluate stage re-attaches the model to a run.
-            log.error("%s: the model is saved at %s, but logging it to MLflow failed (%s); "
-                      "`dvc repro` continues and the evaluate stage logs it again", name, checkpoint_path, exc)
-    log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, record.epoch,
-             record.val["loss"], record.val["accuracy"], train_seconds)
+        write_outputs(metrics_out, history, best.record, facts, train_seconds, len(inputs.train.labels))
+        runlog.log_trained(checkpoint_path, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
+    log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, best.record.epoch,
+             best.record.val["loss"], best.record.val["accuracy"], train_seconds)
+
+
+def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Context) -> dict[str, Any]:
+    """What this run used, beyond its params: logged with them, and written to timing.json."""
+    return {
+        "model.parameters": count_parameters(model), "train.threads_used": threads,
+        "train.precision_used": plan.precision, "train.device_used": runtime.describe_device(ctx.device),
+        # batch_size is the global batch: world_size processes x batch_per_process images.
+        "train.world_size": ctx.world_size, "train.batch_per_process": plan.cfg.batch_size // ctx.world_size,
+        "train.effective_batch": plan.cfg.batch_size,
+    }
+
+
+def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
+                  train_seconds: float, n_train: int) -> None:
+    """history.csv and train.json (byte-reproducible) and timing.json (varies run to run)."""
+    summary = {
+        "best_epoch": best.epoch,
+        "val/loss": round(best.val["loss"], 6),
+        "val/accuracy": round(best.val["accuracy"], 6),
+        "parameters": facts["model.parameters"],
+        "epochs": len(history),
+    }
+    epoch_seconds = [r.train["seconds"] for r in history]
+    timing = {
+        "train_seconds": round(train_seconds, 3),
+        "epoch_seconds": [round(s, 3) for s in epoch_seconds],
+        "images_per_s": round(n_train * len(history) / sum(epoch_seconds), 1),
+        "threads": facts["train.threads_used"],
+        "precision": facts["train.precision_used"],
+        "device": facts["train.device_used"],
+        "processes": facts["train.world_size"],
+        "machine": runtime.describe_machine(),
+        "torch": torch.__version__,
+    }
+    write_text(metrics_out / "history.csv", history_csv(history))
+    write_json(metrics_out / "train.json", summary)
+    write_json(metrics_out / "timing.json", timing)

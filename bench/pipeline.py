@@ -1,4 +1,4 @@
-"""`make bench`: speed and accuracy of the training engine on the real data, measured.
+"""`make bench` (python bench/pipeline.py): speed and accuracy of the training engine on the real data, measured.
 
 Prints one JSON document (and writes it to .bench/benchmark.json) with, per model of
 params.yaml: training images/s, seconds per epoch, seconds of training until the test accuracy
@@ -17,8 +17,7 @@ import argparse
 import json
 import logging
 import os
-import platform
-import re
+
 import statistics
 import subprocess
 import sys
@@ -35,20 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from imgclf.atomic import write_json
 from imgclf.config import load_model, load_train, model_names, read_params
 from imgclf.data.dataset import load_meta, load_split
-from imgclf.engine import (
-    Augmentation,
-    EpochRecord,
-    Normalizer,
-    autocast,
-    evaluate,
-    fit,
-    make_loss,
-    pick_threads,
-    resolve_precision,
-)
+from imgclf.dvcfiles import stages_in
+from imgclf.engine import EpochRecord, Plan, evaluate, fit, make_loss
 from imgclf.models import build_model, count_parameters
 from imgclf.paths import PROCESSED_DIR, ROOT
-from imgclf.training import set_determinism
+from imgclf.runtime import autocast, configure, describe_machine, pick_threads, resolve_precision
+from imgclf.transforms import Normalizer, augmentation_of
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +74,11 @@ def run_engine(name: str, seed: int, data: dict[str, Any], params: dict[str, Any
     arch, cfg = load_model(name, params), load_train(name, params)
     cfg = cfg.model_copy(update={"seed": seed})
     precision, threads = resolve_precision(cfg.precision), pick_threads(cfg.threads)
-    set_determinism(seed, threads)
+    configure(seed, threads)
     meta = data["meta"]
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
     model = model.to(memory_format=torch.channels_last)
-    normalize = Normalizer.from_stats(meta["mean"], meta["std"])
+    normalize = Normalizer(meta["mean"], meta["std"])
     test_loss = make_loss(cfg.loss)
     target = TARGETS[arch.arch]
     curve: list[dict[str, float]] = []
@@ -105,8 +96,8 @@ def run_engine(name: str, seed: int, data: dict[str, Any], params: dict[str, Any
                       "train_images_per_s": round(record.train["images_per_s"]), "test_accuracy": result["accuracy"]})
 
     # The data set's augmentation, as the train stage applies it (meta.json says which).
-    history = fit(model, *data["train"], *data["val"], cfg=cfg, normalize=normalize, precision=precision,
-                  augmentation=Augmentation.from_meta(meta), on_improve=lambda record: None, on_epoch=on_epoch)
+    plan = Plan(cfg, normalize, precision, augment=augmentation_of(meta) if cfg.augment else None)
+    history = fit(model, data["train"], data["val"], plan, on_epoch=on_epoch)
     epoch_seconds = [r.train["seconds"] for r in history]
     reached = next((c["seconds"] for c in curve if c["test_accuracy"] >= target), None)
     return {
@@ -174,7 +165,7 @@ def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps
     cfg = load_train(name, params)
     precision = resolve_precision(cfg.precision)
     loss_fn = make_loss(cfg.loss, cfg.label_smoothing)
-    normalize = Normalizer.from_stats(meta["mean"], meta["std"])
+    normalize = Normalizer(meta["mean"], meta["std"])
     out: dict[str, Any] = {"steps_timed": steps, "batch_size": cfg.batch_size, "precision": precision}
     # A cold compile, as a fresh machine (or CI) pays it: not Inductor's cache from a last run.
     # patch.dict puts the environment back as it was, whatever happens inside.
@@ -212,12 +203,6 @@ def compile_probe(name: str, data: dict[str, Any], params: dict[str, Any], steps
     out["seconds_saved_per_epoch"] = round(per_epoch, 2)
     out["pays_off_within_run"] = per_epoch * cfg.epochs > out["compiled_first_step_s"] - out["eager_first_step_s"]
     return out
-
-
-def stages_in(output: str) -> dict[str, list[str]]:
-    """Which stages DVC ran, and which it restored from its run cache instead of running."""
-    return {"ran": sorted(set(re.findall(r"Running stage '([^']+)'", output))),
-            "restored_from_run_cache": sorted(set(re.findall(r"Stage '([^']+)' is cached - skipping run", output)))}
 
 
 def time_dvc(args: list[str]) -> tuple[float, dict[str, list[str]]]:
@@ -271,7 +256,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     result: dict[str, Any] = {
         "machine": {
-            "processor": platform.processor() or platform.machine(), "threads": threads,
+            "processor": describe_machine(), "threads": threads,
             "torch": torch.__version__, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "matmul_gflops_fp32": round(matmul_peak(torch.float32), 1),
             "matmul_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
