@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,14 +32,17 @@ Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 # Names become a URL path and a file name under data/raw: only plain names, so no entry in
 # params.yaml can write outside data/raw, fetch another resource, or hide as a dot-file.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# A key under `models` becomes DVC stage names (train@<name>) and folders (models/<name>/).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+MODEL_NAME_RULE = "letters, digits, '_' and '-', starting with a letter or digit"
 # `scheme://user:password@`: urllib would not log in with it anyway (it would send it to the
 # DNS resolver as part of a host name), and secrets do not belong in git-tracked params.yaml.
 USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
 CHECKSUM = re.compile(r"[0-9a-f]{64}|md5:[0-9a-f]{32}")
 
 
-def _checksum(value: str) -> str:
-    if not CHECKSUM.fullmatch(value):
+def check_checksum(value: Any) -> str:
+    if not (isinstance(value, str) and CHECKSUM.fullmatch(value)):
         raise ValueError("must be 64 lowercase hex digits (SHA-256 of the decompressed content) "
                          "or md5:<32 lowercase hex digits> (MD5 of the file as served)")
     return value
@@ -47,7 +50,7 @@ def _checksum(value: str) -> str:
 
 # A bare SHA-256 is of the decompressed content, so it survives a mirror's re-compression;
 # `md5:` is of the bytes as served, for archives whose only published checksum is that one.
-Checksum = Annotated[str, AfterValidator(_checksum)]
+Checksum = Annotated[str, AfterValidator(check_checksum)]
 
 
 class DownloadConfig(Section):
@@ -157,8 +160,6 @@ class DatasetConfig(Section):
         return self
 
     def _check_sources(self) -> None:
-        # Raised here rather than per field so the message, not a `got <value>` echo of the
-        # whole list, is what is shown: a password must never reach a log.
         has_download = self.mirrors is not None or self.files is not None
         if self.folder is not None and has_download:
             raise ValueError("give either folder (a DVC-tracked folder) or mirrors and files (an archive), not both")
@@ -167,25 +168,38 @@ class DatasetConfig(Section):
             raise ValueError(f"{need} required (where the data comes from)")
         if self.format == "folder" and self.files is not None and len(self.files) != 1:
             raise ValueError("files: an image folder comes as one tar or zip archive; name exactly one file")
-        for i, url in enumerate(self.mirrors or []):
-            if USERINFO.match(url):
-                masked = USERINFO.sub(r"\1***@", url)
-                raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
-                                 "mirrors must not need credentials")
-        stored: dict[str, str] = {}
-        for name in self.files or {}:
-            if not PLAIN_NAME.fullmatch(name):
-                raise ValueError(f"files: {name!r} is not a plain file name "
-                                 "(letters, digits, '.', '_', '+', '-'; no directories)")
-            # x.gz is stored decompressed as x (see imgclf.data.download.stored_name).
-            plain = name.removesuffix(".gz")
-            if plain in stored:
-                raise ValueError(f"files: {stored[plain]!r} and {name!r} would both be stored as {plain!r}")
-            stored[plain] = name
+        check_mirrors(self.mirrors or [])
+        check_file_names(list(self.files or {}))
         if self.format == "folder" and self.files is not None:
             (name,) = self.files
             if not name.removesuffix(".gz").endswith((".tar", ".tgz", ".zip")):
                 raise ValueError(f"files: {name!r} is not a .tar, .tar.gz, .tgz or .zip archive")
+
+
+# The checks of a download source, shared by the params schema and imgclf.data.download (which
+# library callers may reach without params.yaml). They raise ValueError with the whole message.
+
+def check_mirrors(mirrors: list[str]) -> None:
+    # Raised as a whole message rather than per field, so the masked URL, not a `got <value>`
+    # echo of the whole list, is what is shown: a password must never reach a log.
+    for i, url in enumerate(mirrors):
+        if USERINFO.match(url):
+            masked = USERINFO.sub(r"\1***@", url)
+            raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
+                             "mirrors must not need credentials")
+
+
+def check_file_names(names: list[Any]) -> None:
+    stored: dict[str, str] = {}
+    for name in names:
+        if not (isinstance(name, str) and PLAIN_NAME.fullmatch(name)):
+            raise ValueError(f"files: {name!r} is not a plain file name "
+                             "(letters, digits, '.', '_', '+', '-'; no directories)")
+        # x.gz is stored decompressed as x (see imgclf.data.download.stored_name).
+        plain = name.removesuffix(".gz")
+        if plain in stored:
+            raise ValueError(f"files: {stored[plain]!r} and {name!r} would both be stored as {plain!r}")
+        stored[plain] = name
 
 
 class PreprocessConfig(Section):
@@ -243,6 +257,9 @@ class CNNConfig(Section):
 
 
 ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="arch")]
+# `arch` value -> its config class, read off the classes' own `arch` literals.
+ARCHITECTURES: dict[str, type[Section]] = {get_args(c.model_fields["arch"].annotation)[0]: c
+                                           for c in (MLPConfig, CNNConfig)}
 
 
 class _ModelHolder(Section):
@@ -341,7 +358,7 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
     err = exc.errors(include_url=False)[0]
     # A key is shown as typed unless it holds a line break or other unprintable character.
     loc = [str(p) if str(p).isprintable() else repr(str(p))
-           for p in err["loc"] if not (isinstance(p, str) and p in ("mlp", "cnn"))]
+           for p in err["loc"] if not (isinstance(p, str) and p in ARCHITECTURES)]
     # Drop the wrapper field used to validate one model entry.
     if loc and loc[0] == "model":
         loc = loc[1:]
@@ -362,7 +379,7 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
 def _allowed_keys(model: type[BaseModel], raw: Any, loc: list[str]) -> list[str]:
     if model is _ModelHolder and isinstance(raw, dict):
         arch = raw.get("model", {}).get("arch")
-        model = {"mlp": MLPConfig, "cnn": CNNConfig}.get(arch, model)
+        model = ARCHITECTURES.get(arch, model)
     return sorted(model.model_fields)
 
 
@@ -384,8 +401,9 @@ def load_model(name: str, params: dict[str, Any] | None = None) -> MLPConfig | C
     raw = _section(params, f"models.{name}", PARAMS_FILE.name)
     if not isinstance(raw, dict):
         raise ConfigError(f"models.{_shown(name)}: expected a mapping, got {raw!r}")
-    if raw.get("arch") not in ("mlp", "cnn"):
-        raise ConfigError(f"models.{_shown(name)}.arch: got {raw.get('arch')!r}: must be one of 'mlp', 'cnn'")
+    if raw.get("arch") not in ARCHITECTURES:
+        raise ConfigError(f"models.{_shown(name)}.arch: got {raw.get('arch')!r}: "
+                          f"must be one of {', '.join(map(repr, ARCHITECTURES))}")
     try:
         return _ModelHolder.model_validate({"model": raw}).model
     except ValidationError as exc:
@@ -465,9 +483,9 @@ def model_names(params: dict[str, Any] | None = None) -> list[str]:
         raise ConfigError("models: expected a non-empty mapping of model name -> architecture")
     for name in models:
         # A name becomes DVC stage names (train@<name>) and folders (models/<name>/).
-        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name)):
-            raise ConfigError(f"models.{_shown(name)}: not a usable model name (letters, digits, '_' and '-', "
-                              "starting with a letter or digit: it names stages and folders)")
+        if not (isinstance(name, str) and MODEL_NAME.fullmatch(name)):
+            raise ConfigError(f"models.{_shown(name)}: not a usable model name ({MODEL_NAME_RULE}: "
+                              "it names stages and folders)")
     return list(models)
 
 

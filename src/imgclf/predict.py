@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import urllib.parse
@@ -41,6 +40,7 @@ import torch
 
 from imgclf import checkpoint, cli, paths, tracking
 from imgclf.atomic import write_text
+from imgclf.config import MODEL_NAME, MODEL_NAME_RULE
 from imgclf.data import images
 from imgclf.data.images import DEFAULT_RESIZE
 from imgclf.errors import ConfigError, DataError, TrackingError
@@ -140,12 +140,12 @@ def _check_in_shape(shape: Any, source: str) -> tuple[int, int, int]:
 def workspace_checkpoint(name: str) -> Path:
     """models/<name>/model.pt of this project, or a DataError naming the models there are."""
     # A key under `models`: no path separators, so --name cannot reach outside models/.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not MODEL_NAME.fullmatch(name):
         raise ConfigError(f"--name {name!r}: use a key under `models` in params.yaml "
-                          "(letters, digits, '.', '_', '-'), or --model PATH for a file elsewhere")
-    path = paths.model_dir(name) / "model.pt"
+                          f"({MODEL_NAME_RULE}), or --model PATH for a file elsewhere")
+    path = paths.checkpoint_path(name)
     if not path.is_file():
-        trained = sorted(p.parent.name for p in paths.MODELS_DIR.glob("*/model.pt"))
+        trained = sorted(p.parent.name for p in paths.MODELS_DIR.glob(f"*/{paths.CHECKPOINT_NAME}"))
         have = f"trained here: {', '.join(trained)}" if trained else "no model is trained here yet"
         raise DataError(f"{path} is missing ({have}); run `dvc repro`, or pass --model PATH or --model-uri URI")
     return path

@@ -105,7 +105,8 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description="Fashion-MNIST classifiers from the imgclf pipeline; "
+        client.create_registered_model(name, description="Image classifiers from the imgclf pipeline, each version "
+                                                          "tagged with the data set it learned; "
                                                           f"alias '{CHAMPION}' marks the best test accuracy.")
     except MlflowException as exc:
         # Another pipeline (or a queued experiment next to this one) may have created it first.

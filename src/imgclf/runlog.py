@@ -127,12 +127,9 @@ def attach_report(runs: dict[str, Run | None], reports_dir: Path) -> None:
             mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path="report/figures")
 
 
-def log_data(meta: dict[str, Any], context: str) -> None:
-    """Record the run's data with MLflow's dataset tracking (the run's Datasets panel): name,
-    digest (the source's version and the processed data's DVC hash), source, and a profile of
-    images per class and split."""
-    import mlflow
-    from mlflow.data.dataset import Dataset
+def _dvc_source(info: dict[str, Any]) -> Any:
+    """MLflow's DatasetSource for data that DVC versions: it records where the data came from;
+    fetching is DVC's job (`dvc pull`, `dvc import`), not MLflow's."""
     from mlflow.data.dataset_source import DatasetSource
 
     class Source(DatasetSource):
@@ -161,6 +158,16 @@ def log_data(meta: dict[str, Any], context: str) -> None:
         def from_dict(cls, source_dict: dict[Any, Any]) -> Source:
             return cls(source_dict)
 
+    return Source(info)
+
+
+def log_data(meta: dict[str, Any], context: str) -> None:
+    """Record the run's data with MLflow's dataset tracking (the run's Datasets panel): name,
+    digest (the source's version and the processed data's DVC hash), source, and a profile of
+    images per class and split."""
+    import mlflow
+    from mlflow.data.dataset import Dataset
+
     processed = tracking.data_version()
     profile = {"version": meta.get("version", {}), "processed_dvc_md5": processed,
                "counts": meta.get("counts", {}), "counts_per_class": meta.get("counts_per_class", {}),
@@ -185,7 +192,8 @@ def log_data(meta: dict[str, Any], context: str) -> None:
 
     # MLflow stores at most 36 characters of digest: both versions, shortened.
     digest = f"{source_version(meta)[1][:17]}-{processed[:18]}"
-    mlflow.log_input(Data(Source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest), context=context)
+    data = Data(_dvc_source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest)
+    mlflow.log_input(data, context=context)
     mlflow.set_tags({"data_source_version": source_version(meta)[1], "data_version": processed})
 
 

@@ -179,9 +179,13 @@ def check_reachable(uri: str, experiment: str | None = None, registered_model: s
     if status == 404 or not isinstance(me, dict) or "user" not in me:
         return  # a server without authentication (MLFLOW_AUTH=off on loopback): anyone may write
     user = me["user"]
-    if user.get("is_admin") or (experiment is None and registered_model is None):
-        return
-    name = str(user.get("username"))
+    if not user.get("is_admin"):
+        _check_may_write(uri, str(user.get("username")), experiment, registered_model)
+
+
+def _check_may_write(uri: str, name: str, experiment: str | None, registered_model: str | None) -> None:
+    """A TrackingError unless user `name` may write to `experiment` and `registered_model`."""
+    shown = masked(uri)
 
     def refuse(what: str, permission: str) -> TrackingError:
         return TrackingError(

@@ -25,12 +25,14 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from imgclf.atomic import atomic_path
-from imgclf.config import CHECKSUM, PLAIN_NAME, USERINFO
+from imgclf.config import check_checksum, check_file_names, check_mirrors
 from imgclf.errors import ConfigError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,9 @@ def stored_name(name: str) -> str:
 def fetch_all(files: dict[str, str], mirrors: list[str], dest: Path, *, timeout_s: float, retries: int) -> None:
     """Fetch and verify every file (name -> checksum) into dest, or raise DownloadError."""
     # Every name is checked before the first byte is fetched: a bad entry fails in seconds.
-    # (The params schema checks the same; this guards callers that bypass it.)
-    stored: dict[str, str] = {}
-    for name in files:
-        _check_name(name)
-        if stored_name(name) in stored:
-            raise ConfigError(f"files: {stored[stored_name(name)]!r} and {name!r} would both be "
-                              f"stored as {stored_name(name)!r}")
-        stored[stored_name(name)] = name
-    for mirror in mirrors:
-        _check_mirror(mirror)
+    # (The params schema runs the same checks; this guards callers that bypass it.)
+    _check(check_file_names, list(files))
+    _check(check_mirrors, mirrors)
     for name, checksum in files.items():
         fetch_one(name, checksum, mirrors, dest / stored_name(name), timeout_s=timeout_s, retries=retries)
 
@@ -82,10 +77,9 @@ def fetch_one(name: str, checksum: str, mirrors: list[str], target: Path, *, tim
 
     `checksum` is a content SHA-256 (64 hex digits) or `md5:<32 hex digits>` of the file as served.
     """
-    _check_name(name)
-    _check_checksum(checksum)
-    for mirror in mirrors:
-        _check_mirror(mirror)
+    _check(check_file_names, [name])
+    _check(check_checksum, checksum, f"files: checksum {checksum!r} ")
+    _check(check_mirrors, mirrors)
     failures: list[str] = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
@@ -111,24 +105,12 @@ def fetch_one(name: str, checksum: str, mirrors: list[str], target: Path, *, tim
     raise DownloadError(" ".join(f"could not fetch a verified {name} from any mirror: {tried}".split()))
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
-        raise ConfigError(f"files: {name!r} is not a plain file name "
-                          "(letters, digits, '.', '_', '+', '-'; no directories)")
-
-
-def _check_checksum(checksum: str) -> None:
-    if not isinstance(checksum, str) or not CHECKSUM.fullmatch(checksum):
-        raise ConfigError(f"files: checksum {checksum!r} must be 64 lowercase hex digits (content SHA-256) "
-                          "or md5:<32 lowercase hex digits> (MD5 of the file as served)")
-
-
-def _check_mirror(mirror: str) -> None:
-    # The params schema refuses these too; this guards callers that bypass it.
-    if USERINFO.match(mirror):
-        masked = USERINFO.sub(r"\1***@", mirror)
-        raise ConfigError(f"mirrors: {masked!r} contains a user name or password; "
-                          "mirrors must not need credentials")
+def _check(check: Callable[[Any], Any], value: Any, what: str = "") -> None:
+    """One of the params schema's source checks, as the ConfigError a stage reports."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}{exc}") from None
 
 
 def _download_verified(url: str, name: str, checksum: str, out: Path, timeout_s: float) -> None:
