@@ -232,6 +232,79 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name and the vector features that decide the training speed."""
+    flags: set[str] = set()
+    model = describe_machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == describe_machine():
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    return {"model": model, "features": [f for f in wanted if f in flags]}
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    return {
+        "processor": describe_machine(), "cpu": cpu_features(), "threads": threads,
+        "torch": torch.__version__, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "matmul_gflops_fp32": round(matmul_peak(torch.float32), 1),
+        "matmul_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
+    }
+
+
+def bench_model(name: str, args: argparse.Namespace, data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of one model: its seeds' runs, FLOPs, the classic baseline, torch.compile."""
+    runs = []
+    for seed in range(args.seeds):
+        log.info("%s: seed %d", name, seed)
+        runs.append(run_engine(name, seed, data, params))
+        log.info("%s seed %d: final test accuracy %.4f, %s s to target, %d img/s", name, seed,
+                 runs[-1]["final_test_accuracy"], runs[-1]["seconds_to_target"], runs[-1]["images_per_s"])
+    first = runs[0]
+    flops = train_flops_per_image(first["model"], tuple(data["meta"]["shape"]), first["precision"])
+    summary = summarize(runs)
+    baseline = classic_baseline(name, data, params, args.baseline_batches)
+    log.info("%s baseline: %s", name, baseline)
+    compiled = compile_probe(name, data, params, args.compile_steps) if args.compile_steps else None
+    log.info("%s torch.compile: %s", name, compiled)
+    return {
+        "parameters": count_parameters(first["model"]),
+        "epochs": first["epochs"], "precision": first["precision"], "threads": first["threads"],
+        "target_test_accuracy": first["target"],
+        **summary,
+        "train_gflops_per_s": round(flops * summary["images_per_s_mean"] / 1e9, 1),
+        "train_mflops_per_image": round(flops / 1e6, 2),
+        "classic_dataloader_baseline": baseline,
+        "speedup_images_per_s_vs_baseline": round(summary["images_per_s_mean"] / baseline["images_per_s"], 1),
+        "torch_compile": compiled,
+        "runs": [{k: v for k, v in r.items() if k != "model"} for r in runs],
+    }
+
+
+def bench_dvc(params: dict[str, Any]) -> dict[str, Any]:
+    """`dvc repro` with nothing to do, and `dvc exp run` after one training param changes."""
+    # `dvc exp run --temp` runs the last commit plus changes to tracked files: commit first.
+    # Bring the pipeline up to date first (untimed; nothing to do unless this is a fresh
+    # clone or a changed tree), so the timed run below is the no-op a user sees.
+    time_dvc(["repro"])
+    noop, stages = time_dvc(["repro"])
+    out: dict[str, Any] = {"dvc_repro_nothing_to_do_s": noop, "stages_nothing_to_do": stages}
+    # One training param of one model changes; --temp keeps the workspace as it was.
+    names = model_names(params)
+    rerun = "mlp" if "mlp" in names else names[0]  # the quickest to train in the default params
+    change = f"models.{rerun}.train.lr={unused_lr(load_train(rerun, params).lr)}"
+    seconds, stages = time_dvc(["exp", "run", "--temp", "-n", "bench-rerun", "-S", change])
+    subprocess.run(["dvc", "exp", "remove", "bench-rerun"], cwd=ROOT, capture_output=True)
+    return {**out, "dvc_exp_run_after_one_train_param_s": seconds, "changed_param": change,
+            "stages_after_change": stages}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark the training engine on the real data.")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per model (mean and spread)")
@@ -251,61 +324,15 @@ def main() -> None:
     splits = {s: load_split(PROCESSED_DIR, s, meta) for s in ("train", "val", "test")}
     data = {"meta": meta, "train_np": (splits["train"].images, splits["train"].labels)}
     data.update({s: (torch.from_numpy(v.images), torch.from_numpy(v.labels)) for s, v in splits.items()})
-
     threads = pick_threads(0)
     torch.set_num_threads(threads)
-    result: dict[str, Any] = {
-        "machine": {
-            "processor": describe_machine(), "threads": threads,
-            "torch": torch.__version__, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-            "matmul_gflops_fp32": round(matmul_peak(torch.float32), 1),
-            "matmul_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
-        },
-        "models": {},
-    }
+    result: dict[str, Any] = {"machine": machine_info(threads), "models": {}}
     log.info("machine: %s", result["machine"])
     for name in [] if args.skip_engine else args.models or model_names(params):
-        runs = []
-        for seed in range(args.seeds):
-            log.info("%s: seed %d", name, seed)
-            runs.append(run_engine(name, seed, data, params))
-            log.info("%s seed %d: final test accuracy %.4f, %s s to target, %d img/s", name, seed,
-                     runs[-1]["final_test_accuracy"], runs[-1]["seconds_to_target"], runs[-1]["images_per_s"])
-        first = runs[0]
-        flops = train_flops_per_image(first["model"], tuple(meta["shape"]), first["precision"])
-        summary = summarize(runs)
-        baseline = classic_baseline(name, data, params, args.baseline_batches)
-        log.info("%s baseline: %s", name, baseline)
-        compiled = compile_probe(name, data, params, args.compile_steps) if args.compile_steps else None
-        log.info("%s torch.compile: %s", name, compiled)
-        result["models"][name] = {
-            "parameters": count_parameters(first["model"]),
-            "epochs": first["epochs"], "precision": first["precision"], "threads": first["threads"],
-            "target_test_accuracy": first["target"],
-            **summary,
-            "train_gflops_per_s": round(flops * summary["images_per_s_mean"] / 1e9, 1),
-            "train_mflops_per_image": round(flops / 1e6, 2),
-            "classic_dataloader_baseline": baseline,
-            "speedup_images_per_s_vs_baseline": round(summary["images_per_s_mean"] / baseline["images_per_s"], 1),
-            "torch_compile": compiled,
-            "runs": [{k: v for k, v in r.items() if k != "model"} for r in runs],
-        }
+        result["models"][name] = bench_model(name, args, data, params)
         write_json(args.out, result)  # kept as it grows: the engine figures take the longest
     if not args.skip_dvc:
-        # `dvc exp run --temp` runs the last commit plus changes to tracked files: commit first.
-        # Bring the pipeline up to date first (untimed; nothing to do unless this is a fresh
-        # clone or a changed tree), so the timed run below is the no-op a user sees.
-        time_dvc(["repro"])
-        noop, stages = time_dvc(["repro"])
-        result["pipeline"] = {"dvc_repro_nothing_to_do_s": noop, "stages_nothing_to_do": stages}
-        # One training param of one model changes; --temp keeps the workspace as it was.
-        names = model_names(params)
-        rerun = "mlp" if "mlp" in names else names[0]  # the quickest to train in the default params
-        change = f"models.{rerun}.train.lr={unused_lr(load_train(rerun, params).lr)}"
-        seconds, stages = time_dvc(["exp", "run", "--temp", "-n", "bench-rerun", "-S", change])
-        subprocess.run(["dvc", "exp", "remove", "bench-rerun"], cwd=ROOT, capture_output=True)
-        result["pipeline"].update({"dvc_exp_run_after_one_train_param_s": seconds, "changed_param": change,
-                                   "stages_after_change": stages})
+        result["pipeline"] = bench_dvc(params)
     write_json(args.out, result)
     # The per-epoch curves are in the file; the terminal gets the figures.
     shown = {**result, "models": {n: {k: v for k, v in m.items() if k != "runs"} for n, m in result["models"].items()}}

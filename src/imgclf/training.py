@@ -107,8 +107,9 @@ def train_model(
     checkpoint_path: Path,
     metrics_out: Path,
     src_dir: Path,
-) -> None:
-    """Train one model in this process (`ctx` from imgclf.distributed.session)."""
+) -> dict[str, Any] | None:
+    """Train one model in this process (`ctx` from imgclf.distributed.session). Returns what
+    train.json records (best epoch, its validation figures), or None on a non-writing process."""
     inputs = Inputs.load(processed_dir, ctx, cfg, arch)
     # The writer alone opens MLflow (other processes must not even create a run); it fails
     # now, not after an hour of training (also when the user could log the run but not register
@@ -125,7 +126,7 @@ def train_model(
     train, val = inputs.tensors(inputs.train, device), inputs.tensors(inputs.val, device)
     if not ctx.is_writer:
         fit(model, train, val, plan, train_module=net)
-        return
+        return None
     facts = run_facts(model, plan, threads, ctx)
     log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step", name,
              arch.arch.upper(), facts["model.parameters"], facts["train.device_used"], plan.precision, threads,
@@ -137,10 +138,11 @@ def train_model(
         started = time.perf_counter()
         history = fit(model, train, val, plan, on_improve=best, on_epoch=runlog.log_epoch, train_module=net)
         train_seconds = time.perf_counter() - started
-        write_outputs(metrics_out, history, best.record, facts, train_seconds, len(inputs.train.labels))
+        summary = write_outputs(metrics_out, history, best.record, facts, train_seconds, len(inputs.train.labels))
         runlog.log_trained(checkpoint_path, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
     log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, best.record.epoch,
              best.record.val["loss"], best.record.val["accuracy"], train_seconds)
+    return summary
 
 
 def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Context) -> dict[str, Any]:
@@ -155,8 +157,9 @@ def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Conte
 
 
 def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
-                  train_seconds: float, n_train: int) -> None:
-    """history.csv and train.json (byte-reproducible) and timing.json (varies run to run)."""
+                  train_seconds: float, n_train: int) -> dict[str, Any]:
+    """history.csv and train.json (byte-reproducible) and timing.json (varies run to run);
+    returns train.json's content."""
     summary = {
         "best_epoch": best.epoch,
         "val/loss": round(best.val["loss"], 6),
@@ -179,3 +182,4 @@ def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochReco
     write_text(metrics_out / "history.csv", history_csv(history))
     write_json(metrics_out / "train.json", summary)
     write_json(metrics_out / "timing.json", timing)
+    return summary

@@ -1,10 +1,10 @@
 """Safe reading of downloaded tar archives (such as CIFAR-10's binary distribution).
 
 An archive from a mirror is untrusted input: a member named `../x` or `/etc/x`, or a link
-pointing elsewhere, would write outside the destination. Only regular files and directories
-are accepted, checked with tarfile's `data` filter, which also refuses absolute and escaping
-paths; one bad member refuses the whole archive. `safe_extract` writes the members out,
-`read_members` returns them in memory under the very same rules.
+pointing elsewhere, would reach outside the archive if anything ever extracted it. Nothing is
+extracted: `read_members` returns the wanted members in memory. Only regular files and
+directories are accepted, checked with tarfile's `data` filter, which also refuses absolute
+and escaping paths; one bad member refuses the whole archive.
 """
 
 from __future__ import annotations
@@ -35,24 +35,11 @@ def _check_members(archive: Path, members: list[tarfile.TarInfo], dest: str) -> 
             raise DataError(f"{archive.name}: refused: member {member.name!r}: {exc}") from None
 
 
-def safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract `archive` into `dest`; return the member names. Refuses the whole archive, before
-    writing anything, if any member is a link, a device, absolute or outside `dest`."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            _check_members(archive, members, str(dest))
-            tar.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{archive.name}: not a readable tar archive ({exc})") from None
-    return [m.name for m in members]
-
-
 def read_members(archive: Path, names: Iterable[str]) -> dict[str, bytes]:
     """The bytes of the regular-file members `names`, read without extracting anything.
 
-    Every member, wanted or not, must pass the checks `safe_extract` applies; a wanted name
-    that is missing is a DataError naming it.
+    Every member, wanted or not, must pass `_check_members`; a wanted name that is missing is
+    a DataError naming it.
     """
     wanted = list(names)
     try:
