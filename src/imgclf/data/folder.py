@@ -21,20 +21,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import logging
 import multiprocessing
 import os
 import tarfile
+import tempfile
 import zipfile
-from collections import Counter, defaultdict
+import zlib
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from imgclf.data.dataset import Split
+from imgclf.data.dataset import SPLITS, ChannelStats, Split, write_split
 from imgclf.data.images import ImageError, decode
 from imgclf.errors import DataError
 
@@ -43,7 +47,9 @@ log = logging.getLogger(__name__)
 CLUTTER = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
 SPLIT_DIRS = ("train", "test")
 MANIFEST_COLUMNS = ("path", "class", "split", "sha256", "note")
+SCRATCH = ".decoded.npy"  # every candidate image, decoded once, in path order; removed after the split
 _CHUNK = 32  # images per task sent to a decoding process
+_IN_FLIGHT = 4  # tasks queued per decoding process: enough to keep it busy, few enough to bound memory
 
 
 def is_clutter(name: str) -> bool:
@@ -60,15 +66,39 @@ class Entry:
 
 @dataclass
 class Tree:
-    """What a folder or archive holds, and how to read one file's bytes."""
+    """What a folder or archive holds, and how to read its files' bytes."""
 
     where: str
     entries: list[Entry]
     root: Path | None = None  # a folder: workers read files themselves
-    members: dict[str, bytes] = field(default_factory=dict)  # an archive: read up front
+    archive: Path | None = None  # an archive: members are read one at a time, never all at once
+    # An archive's usable members: path below its root -> the member (the last of equal names,
+    # as extraction would keep).
+    members: dict[str, tarfile.TarInfo | zipfile.ZipInfo] = field(default_factory=dict)
 
-    def job(self, path: str) -> Path | bytes:
-        return self.root / path if self.root is not None else self.members[path]
+    def sources(self, paths: list[str]) -> Iterator[tuple[int, Path | bytes]]:
+        """(index in `paths`, what a worker decodes: a file's path or a member's bytes) for each path.
+
+        A folder's files come in the order given; an archive's members in the order it stores
+        them, since a compressed tar can only be read front to back.
+        """
+        if self.root is not None:
+            yield from ((i, self.root / path) for i, path in enumerate(paths))
+            return
+        assert self.archive is not None
+        try:
+            if zipfile.is_zipfile(self.archive):
+                with zipfile.ZipFile(self.archive) as zf:
+                    for i, path in enumerate(paths):
+                        yield i, zf.read(self.members[path])
+                return
+            wanted = {self.members[path].offset: i for i, path in enumerate(paths)}
+            with tarfile.open(self.archive, "r:*") as tar:
+                for member in tar:
+                    if member.offset in wanted:
+                        yield wanted[member.offset], tar.extractfile(member).read()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+            raise DataError(f"{self.where}: not a readable tar or zip archive ({exc})") from None
 
 
 def scan_folder(root: Path, name: str | None = None) -> Tree:
@@ -97,48 +127,46 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
 
 
 def scan_archive(archive: Path) -> Tree:
-    """A tar (any compression) or zip archive's members, in memory."""
-    entries: list[Entry] = []
-    members: dict[str, bytes] = {}
+    """A tar (any compression) or zip archive's members, listed without keeping their bytes."""
+    entries: dict[str, Entry] = {}
+    members: dict[str, tarfile.TarInfo | zipfile.ZipInfo] = {}
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                    _add_member(entries, members, info.filename, info.is_dir(), is_link,
-                                lambda i=info: zf.read(i))
+                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info)
         else:
             with tarfile.open(archive, "r:*") as tar:
                 for m in tar:
-                    _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()),
-                                lambda m=m: tar.extractfile(m).read())
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+                    _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()), m)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{archive.name}: not a readable tar or zip archive ({exc})") from None
-    entries.sort(key=lambda e: e.path)
+    listed = sorted(entries.values(), key=lambda e: e.path)
     # Archives usually wrap everything in one folder (photos/cats/1.jpg): a data set has at
     # least two classes, so a single top-level folder is such a wrapper.
-    tops = {PurePosixPath(e.path).parts[0] for e in entries}
-    if len(tops) == 1 and all(len(PurePosixPath(e.path).parts) > 2 for e in entries) and tops.isdisjoint(SPLIT_DIRS):
+    tops = {PurePosixPath(e.path).parts[0] for e in listed}
+    if len(tops) == 1 and all(len(PurePosixPath(e.path).parts) > 2 for e in listed) and tops.isdisjoint(SPLIT_DIRS):
         (top,) = tops
         cut = len(top) + 1
-        entries = [Entry(e.path[cut:], e.problem) for e in entries]
+        listed = [Entry(e.path[cut:], e.problem) for e in listed]
         members = {k[cut:]: v for k, v in members.items()}
-    return Tree(archive.name, entries, members=members)
+    return Tree(archive.name, listed, archive=archive, members=members)
 
 
-def _add_member(entries: list[Entry], members: dict[str, bytes], name: str, is_dir: bool, is_link: bool,
-                read) -> None:
+def _add_member(entries: dict[str, Entry], members: dict[str, tarfile.TarInfo | zipfile.ZipInfo], name: str,
+                is_dir: bool, is_link: bool, member: tarfile.TarInfo | zipfile.ZipInfo) -> None:
     parts = PurePosixPath(name).parts
     if name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
-        entries.append(Entry(name, "a member path outside the archive"))
+        entries[name] = Entry(name, "a member path outside the archive")
     elif is_dir or not parts or any(is_clutter(p) for p in parts):
         return
     elif is_link:
-        entries.append(Entry(name, "a link or special member (never followed)"))
+        entries[name] = Entry(name, "a link or special member (never followed)")
     else:
         path = PurePosixPath(*parts).as_posix()
-        members[path] = read()
-        entries.append(Entry(path))
+        members[path] = member
+        entries[path] = Entry(path)
 
 
 @dataclass(frozen=True)
@@ -170,34 +198,54 @@ def _labelled(tree: Tree) -> tuple[list[Image], list[tuple[str, str]]]:
     return images, problems
 
 
-def _decode_job(job: tuple[Path | bytes, tuple[int, int, int], str]) -> tuple[str, np.ndarray | None, str | None]:
-    source, shape, resize = job
+Decoded = tuple[int, str, "np.ndarray | None", "str | None"]  # index, content SHA-256, pixels, problem
+
+
+def _decode_job(job: tuple[int, Path | bytes, tuple[int, int, int], str]) -> Decoded:
+    i, source, shape, resize = job
     try:
         data = source if isinstance(source, bytes) else source.read_bytes()
-        return hashlib.sha256(data).hexdigest(), decode(data, shape, resize=resize), None
+        return i, hashlib.sha256(data).hexdigest(), decode(data, shape, resize=resize), None
     except ImageError as exc:
-        return hashlib.sha256(data).hexdigest(), None, str(exc)
+        return i, hashlib.sha256(data).hexdigest(), None, str(exc)
     except OSError as exc:
-        return "", None, f"unreadable ({exc.strerror or exc})"
+        return i, "", None, f"unreadable ({exc.strerror or exc})"
+
+
+def _decode_chunk(jobs: list[tuple[int, Path | bytes, tuple[int, int, int], str]]) -> list[Decoded]:
+    return [_decode_job(job) for job in jobs]
 
 
 def decode_all(tree: Tree, images: list[Image], shape: tuple[int, int, int], resize: str,
-               workers: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """(content SHA-256, pixels or None, problem or None) per image, in order, decoded on
-    `workers` processes; the output does not depend on how many."""
-    jobs = ((tree.job(img.path), shape, resize) for img in images)
+               workers: int) -> Iterator[Decoded]:
+    """(index into `images`, content SHA-256, pixels or None, problem or None) per image, decoded
+    on `workers` processes; what comes out does not depend on how many.
+
+    At most a few chunks per worker are in flight: `Pool.imap` would pull every job from its
+    iterator at once, which for an archive means every member's bytes in memory.
+    """
+    jobs = ((i, source, shape, resize) for i, source in tree.sources([img.path for img in images]))
     bar = tqdm(total=len(images), desc=f"decode {tree.where}", unit="img", mininterval=1.0, leave=False)
-    if workers <= 1 or len(images) < 2 * _CHUNK:
-        results = map(_decode_job, jobs)
-        pool = None
-    else:
+    pool = None
+    try:
+        if workers <= 1 or len(images) < 2 * _CHUNK:
+            for result in map(_decode_job, jobs):
+                bar.update()
+                yield result
+            return
         # fork: the workers need nothing but this module, already imported.
         pool = multiprocessing.get_context("fork").Pool(workers)
-        results = pool.imap(_decode_job, jobs, chunksize=_CHUNK)
-    try:
-        for result in results:
-            bar.update()
-            yield result
+        pending: deque = deque()
+        while chunk := list(itertools.islice(jobs, _CHUNK)):
+            pending.append(pool.apply_async(_decode_chunk, (chunk,)))
+            if len(pending) >= _IN_FLIGHT * workers:
+                for result in pending.popleft().get():
+                    bar.update()
+                    yield result
+        while pending:
+            for result in pending.popleft().get():
+                bar.update()
+                yield result
     finally:
         bar.close()
         if pool is not None:
@@ -223,6 +271,7 @@ class FolderData:
     duplicates: int
     content_sha256: str  # of the manifest's used rows: changes exactly when the data used changes
     fixed_test: bool  # the folder has train/ and test/: its test set is test/
+    stats: tuple[list[float], list[float]]  # per-channel mean and std of the training split
 
 
 @dataclass(frozen=True)
@@ -237,36 +286,56 @@ class ReadPlan:
     workers: int
 
 
-def read_tree(tree: Tree, plan: ReadPlan) -> FolderData:
+def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> FolderData:
+    """Decode, check and split the tree's images.
+
+    With `out_dir` (the preprocess stage's temporary output directory) the splits are written
+    there as `{train,val,test}_{images,labels}.npy`, streaming: each image is decoded once, into
+    a memory-mapped scratch file in `out_dir` (removed at the end), and each split is then
+    gathered from it block by block, so memory holds a few blocks and per-image bookkeeping,
+    never the data set. FolderData.splits then maps the written files (read-only). Without
+    `out_dir` the same happens in a temporary directory and the splits come back in memory.
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="imgclf-folder-") as tmp:
+            data = read_tree(tree, plan, Path(tmp))
+            data.splits = {k: Split(np.array(s.images), np.array(s.labels)) for k, s in data.splits.items()}
+            return data
     images, problems = _labelled(tree)
     layout = any(img.split for img in images)
     if layout and plan.test_fraction_given:
         raise DataError(f"{tree.where}: has train/ and test/ folders, so its test set is test/; "
                         "remove test_fraction from its datasets entry")
-    decoded: dict[str, tuple[str, np.ndarray]] = {}
-    for img, (sha, pixels, problem) in zip(images, decode_all(tree, images, plan.shape, plan.resize, plan.workers)):
-        if problem:
-            problems.append((img.path, problem))
-        else:
-            decoded[img.path] = (sha, pixels)
-    good = [img for img in images if img.path in decoded]
-    problems += _conflicting_labels(good, decoded)
-    bad = {path for path, _ in problems}
-    if problems and not plan.skip_bad:
-        problems.sort()
-        names = "; ".join(f"{p}: {why}" for p, why in problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"{tree.where}: {len(problems)} bad file(s): {names}{more}; fix or remove them, "
-                        "or set bad_files: skip in its datasets entry to leave them out")
-    good = [img for img in good if img.path not in bad]
-    classes = sorted({img.label for img in good})
-    if len(classes) < 2:
-        raise DataError(f"{tree.where}: found {len(classes)} class folder(s) with usable images; "
-                        "a classifier needs at least 2 (one subfolder per class)")
-    return _assemble(tree, good, decoded, classes, sorted(problems), plan, layout)
+    scratch_path = out_dir / SCRATCH
+    try:
+        scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(images), *plan.shape))
+        decoded: dict[str, tuple[str, int]] = {}  # path -> (content SHA-256, row of scratch)
+        for i, sha, pixels, problem in decode_all(tree, images, plan.shape, plan.resize, plan.workers):
+            if problem:
+                problems.append((images[i].path, problem))
+            else:
+                scratch[i] = pixels
+                decoded[images[i].path] = (sha, i)
+        good = [img for img in images if img.path in decoded]
+        problems += _conflicting_labels(good, decoded)
+        bad = {path for path, _ in problems}
+        if problems and not plan.skip_bad:
+            problems.sort()
+            names = "; ".join(f"{p}: {why}" for p, why in problems[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise DataError(f"{tree.where}: {len(problems)} bad file(s): {names}{more}; fix or remove them, "
+                            "or set bad_files: skip in its datasets entry to leave them out")
+        good = [img for img in good if img.path not in bad]
+        classes = sorted({img.label for img in good})
+        if len(classes) < 2:
+            raise DataError(f"{tree.where}: found {len(classes)} class folder(s) with usable images; "
+                            "a classifier needs at least 2 (one subfolder per class)")
+        return _assemble(tree, good, decoded, classes, sorted(problems), plan, layout, scratch, out_dir)
+    finally:
+        scratch_path.unlink(missing_ok=True)  # a mapped scratch file lives on until unmapped
 
 
-def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, np.ndarray]]) -> list[tuple[str, str]]:
+def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, int]]) -> list[tuple[str, str]]:
     by_sha: dict[str, list[Image]] = defaultdict(list)
     for img in good:
         by_sha[decoded[img.path][0]].append(img)
@@ -279,8 +348,9 @@ def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, np.ndar
     return out
 
 
-def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, np.ndarray]], classes: list[str],
-              problems: list[tuple[str, str]], plan: ReadPlan, layout: bool) -> FolderData:
+def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]], classes: list[str],
+              problems: list[tuple[str, str]], plan: ReadPlan, layout: bool, scratch: np.ndarray,
+              out_dir: Path) -> FolderData:
     index = {c: i for i, c in enumerate(classes)}
     test_fraction = None if layout else plan.test_fraction
     # The test copy of an image wins over its training copies (so none of them trains), then the
@@ -298,12 +368,17 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, np.nd
             members[split].append(img)
     rows += [(path, "", "", "", f"skipped: {why}") for path, why in problems]
     _check_every_class_split(tree, classes, members)
+    # Scratch rows follow the sorted paths, so each split's rows (sorted by path) ascend: the
+    # gather reads the scratch file front to back.
+    row_labels = np.full(len(scratch), -1, dtype=np.int64)
+    for img in good:
+        row_labels[decoded[img.path][1]] = index[img.label]
+    stats = ChannelStats(plan.shape[0])
     splits = {}
-    for name in ("train", "val", "test"):
-        chosen = sorted(members[name], key=lambda img: img.path)
-        images = np.stack([decoded[img.path][1] for img in chosen])
-        labels = np.array([index[img.label] for img in chosen], dtype=np.int64)
-        splits[name] = Split(images, labels)
+    for name in SPLITS:
+        chosen = np.array(sorted(decoded[img.path][1] for img in members[name]), dtype=np.int64)
+        write_split(out_dir, name, scratch, row_labels, chosen, stats if name == "train" else None)
+        splits[name] = Split(*(np.load(out_dir / f"{name}_{kind}.npy", mmap_mode="r") for kind in ("images", "labels")))
     rows.sort()
     used = "".join(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\n" for r in rows if r[3] and not r[4])
     duplicates = sum(1 for r in rows if r[4].startswith("duplicate"))
@@ -311,7 +386,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, np.nd
         log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
                  tree.where, duplicates)
     return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
-                      duplicates, hashlib.sha256(used.encode()).hexdigest(), layout)
+                      duplicates, hashlib.sha256(used.encode()).hexdigest(), layout, stats.result())
 
 
 def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:
@@ -332,6 +407,7 @@ def _manifest_csv(rows: list[tuple[str, ...]]) -> str:
     return buf.getvalue()
 
 
-def per_class_counts(splits: dict[str, Split], classes: list[str]) -> dict[str, dict[str, int]]:
-    return {name: {c: int(n) for c, n in zip(classes, np.bincount(s.labels, minlength=len(classes)))}
-            for name, s in splits.items()}
+def per_class_counts(labels: dict[str, np.ndarray], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Images per class of each split, from the splits' labels."""
+    return {name: {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=len(classes)))}
+            for name, y in labels.items()}

@@ -4,52 +4,99 @@ normalization statistics, meta.json and (image folders) a manifest out.
 Built-in sets keep their official test split and split their training images stratified by
 class (`dataset.stratified_split`); image folders split by content hash (`folder`). Either way
 meta.json records the data set's version and source, so every model can name the data it saw.
+
+`write_processed` streams: the raw images are read from a map (IDX) or decoded on every CPU
+(image folders) and each split is written block by block into preallocated memory-mapped files
+in the output directory, with the training split's statistics counted on the way, so memory
+stays flat as the data grows (docs/scale.md). The output is byte-identical for the same inputs
+and seed, whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from imgclf.atomic import write_json, write_text
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
-from imgclf.data.dataset import Split, channel_stats, stratified_split
+from imgclf.data.dataset import SPLITS, ChannelStats, Split, load_split, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
 from imgclf.errors import DataError
 
+MANIFEST = "manifest.csv"
+
 
 @dataclass(frozen=True)
 class Prepared:
-    splits: dict[str, Split]
+    splits: dict[str, Split]  # maps of the files in `work`
     meta: dict[str, Any]
     manifest: str | None  # CSV, image folders only
+    work: tempfile.TemporaryDirectory | None = None  # holds the mapped files until this is dropped
+
+
+def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path,
+                    root: Path, workers: int | None = None) -> dict[str, Any]:
+    """Write the processed data set into `out_dir` (an empty directory: the stage's atomic
+    temporary one, so a failure leaves the previous output): `{train,val,test}_{images,labels}.npy`,
+    `meta.json` and, for image folders, `manifest.csv`. Returns meta.
+
+    `workers`: image-decoding processes (default: one per CPU this process may use); the
+    output is the same for any number.
+    """
+    if ds.format == "folder":
+        workers = workers or len(os.sched_getaffinity(0))
+        meta, manifest = _write_folder(out_dir, name, ds, pre, raw_dir, root, workers)
+        write_text(out_dir / MANIFEST, manifest)
+    else:
+        meta = _write_builtin(out_dir, name, ds, pre, raw_dir)
+    write_json(out_dir / "meta.json", meta)
+    return meta
 
 
 def prepare(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, root: Path) -> Prepared:
-    if ds.format == "folder":
-        return _prepare_folder(name, ds, pre, raw_dir, root)
+    """`write_processed` into a scratch directory beside data/processed, the splits returned as
+    maps of its files, for a caller that then writes its outputs with `save_processed` (a
+    block-by-block copy). Writing into the output directory with `write_processed` saves that copy."""
+    # Beside the output, not in /tmp: that may be RAM (tmpfs), and the maps must be disk-backed.
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    work = tempfile.TemporaryDirectory(prefix=".preprocess-", suffix=".tmp", dir=root / "data")
+    try:
+        meta = write_processed(Path(work.name), name, ds, pre, raw_dir, root)
+    except BaseException:
+        work.cleanup()  # now, not when the traceback holding it is collected
+        raise
+    splits = {s: load_split(Path(work.name), s, meta) for s in SPLITS}
+    manifest = Path(work.name) / MANIFEST
+    return Prepared(splits, meta, manifest.read_text(encoding="utf-8") if manifest.exists() else None, work)
+
+
+def _write_builtin(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path) -> dict[str, Any]:
     train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()))
     train_idx, val_idx = stratified_split(train_full.labels, pre.val_fraction, pre.seed)
-    splits = {
-        "train": Split(train_full.images[train_idx], train_full.labels[train_idx]),
-        "val": Split(train_full.images[val_idx], train_full.labels[val_idx]),
-        "test": test,
-    }
+    stats = ChannelStats(train_full.images.shape[1])
+    write_split(out_dir, "train", train_full.images, train_full.labels, train_idx, stats)
+    write_split(out_dir, "val", train_full.images, train_full.labels, val_idx)
+    write_split(out_dir, "test", test.images, test.labels)
+    labels = {"train": train_full.labels[train_idx], "val": train_full.labels[val_idx], "test": test.labels}
     # Mirrors are not part of the data's identity (their files must match the checksums), and
     # recording them would retrain every model when a mirror is added: only the files are kept.
     source = {"kind": "download", "files": dict(ds.files or {})}
     version = _digest("".join(f"{k}:{v}\n" for k, v in sorted(source["files"].items())))
-    meta = _meta(name, ds, pre, splits, list(ds.classes or []), source, {"checksums": version})
-    return Prepared(splits, meta, None)
+    return _meta(name, ds, pre, labels, train_full.images.shape[1:], stats.result(), list(ds.classes or []),
+                 source, {"checksums": version})
 
 
-def _prepare_folder(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, root: Path) -> Prepared:
+def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path,
+                  root: Path, workers: int) -> tuple[dict[str, Any], str]:
     if ds.folder is not None:
         tree = folder.scan_folder(root / ds.folder, ds.folder)
         source, version = _folder_source(root, ds.folder)
@@ -62,14 +109,15 @@ def _prepare_folder(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir
     plan = folder.ReadPlan(
         shape=(ds.channels, *ds.image_size), resize=ds.resize, val_fraction=pre.val_fraction,
         test_fraction=ds.test_fraction, test_fraction_given="test_fraction" in ds.model_fields_set,
-        seed=pre.seed, skip_bad=ds.bad_files == "skip", workers=len(os.sched_getaffinity(0)),
+        seed=pre.seed, skip_bad=ds.bad_files == "skip", workers=workers,
     )
-    data = folder.read_tree(tree, plan)
+    data = folder.read_tree(tree, plan, out_dir)
     version["content_sha256"] = data.content_sha256
-    meta = _meta(name, ds, pre, data.splits, data.classes, source, version)
+    labels = {k: np.asarray(s.labels) for k, s in data.splits.items()}
+    meta = _meta(name, ds, pre, labels, plan.shape, data.stats, data.classes, source, version)
     meta.update(resize=ds.resize, test_fraction=None if data.fixed_test else ds.test_fraction,
                 duplicates=data.duplicates, skipped=data.skipped)
-    return Prepared(data.splits, meta, data.manifest)
+    return meta, data.manifest
 
 
 def _folder_source(root: Path, rel: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -96,20 +144,20 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _meta(name: str, ds: DatasetConfig, pre: PreprocessConfig, splits: dict[str, Split], classes: list[str],
-          source: dict[str, Any], version: dict[str, str]) -> dict[str, Any]:
-    train = splits["train"]
-    mean, std = channel_stats(train.images)  # training split only: val/test stay unseen
+def _meta(name: str, ds: DatasetConfig, pre: PreprocessConfig, labels: dict[str, np.ndarray], shape: tuple[int, ...],
+          stats: tuple[list[float], list[float]], classes: list[str], source: dict[str, Any],
+          version: dict[str, str]) -> dict[str, Any]:
+    mean, std = stats  # training split only: val/test stay unseen
     return {
         "dataset": name,
         "title": ds.title or name,
         "format": ds.format,
         "classes": classes,
-        "shape": list(train.images.shape[1:]),
+        "shape": [int(d) for d in shape],
         "mean": mean,
         "std": std,
-        "counts": {k: len(s.labels) for k, s in splits.items()},
-        "counts_per_class": folder.per_class_counts(splits, classes),
+        "counts": {k: len(y) for k, y in labels.items()},
+        "counts_per_class": folder.per_class_counts(labels, classes),
         "val_fraction": pre.val_fraction,
         "seed": pre.seed,
         "augment": {"shift": ds.augment.shift, "flip": ds.augment.flip},

@@ -34,7 +34,7 @@ def load_raw(raw_dir: Path, format: str, classes: tuple[str, ...]) -> tuple[Spli
 
 
 def _read_idx(raw_dir: Path, images_name: str, labels_name: str, n_classes: int) -> Split:
-    images = idx.read(raw_dir / images_name)
+    images = idx.open_map(raw_dir / images_name)  # mapped: preprocessing reads only the rows it copies
     labels = idx.read(raw_dir / labels_name)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
