@@ -19,6 +19,7 @@ clutter (hidden files, .DS_Store, Thumbs.db, desktop.ini, __MACOSX) is ignored s
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import itertools
@@ -56,7 +57,7 @@ def is_clutter(name: str) -> bool:
     return name.startswith(".") or name in CLUTTER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per file, ~100 bytes less each without a __dict__
 class Entry:
     """One file of the tree: its path below the root, and why it cannot be used (if known yet)."""
 
@@ -72,9 +73,9 @@ class Tree:
     entries: list[Entry]
     root: Path | None = None  # a folder: workers read files themselves
     archive: Path | None = None  # an archive: members are read one at a time, never all at once
-    # An archive's usable members: path below its root -> the member (the last of equal names,
-    # as extraction would keep).
-    members: dict[str, tarfile.TarInfo | zipfile.ZipInfo] = field(default_factory=dict)
+    # An archive's usable members: path below its root -> where the member is (a tar: its
+    # header's offset; a zip: its name). Of equal names the last counts, as on extraction.
+    members: dict[str, int | str] = field(default_factory=dict)
 
     def sources(self, paths: list[str]) -> Iterator[tuple[int, Path | bytes]]:
         """(index in `paths`, what a worker decodes: a file's path or a member's bytes) for each path.
@@ -92,9 +93,11 @@ class Tree:
                     for i, path in enumerate(paths):
                         yield i, zf.read(self.members[path])
                 return
-            wanted = {self.members[path].offset: i for i, path in enumerate(paths)}
+            wanted = {self.members[path]: i for i, path in enumerate(paths)}
             with tarfile.open(self.archive, "r:*") as tar:
-                for member in tar:
+                while (member := tar.next()) is not None:
+                    # TarFile keeps every header it has read; these are read once, front to back.
+                    tar.members.clear()
                     if member.offset in wanted:
                         yield wanted[member.offset], tar.extractfile(member).read()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
@@ -129,17 +132,18 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
 def scan_archive(archive: Path) -> Tree:
     """A tar (any compression) or zip archive's members, listed without keeping their bytes."""
     entries: dict[str, Entry] = {}
-    members: dict[str, tarfile.TarInfo | zipfile.ZipInfo] = {}
+    members: dict[str, int | str] = {}
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info)
+                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info.filename)
         else:
             with tarfile.open(archive, "r:*") as tar:
-                for m in tar:
-                    _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()), m)
+                while (m := tar.next()) is not None:
+                    tar.members.clear()  # as in Tree.sources: only the offsets are kept
+                    _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()), m.offset)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{archive.name}: not a readable tar or zip archive ({exc})") from None
     listed = sorted(entries.values(), key=lambda e: e.path)
@@ -154,8 +158,8 @@ def scan_archive(archive: Path) -> Tree:
     return Tree(archive.name, listed, archive=archive, members=members)
 
 
-def _add_member(entries: dict[str, Entry], members: dict[str, tarfile.TarInfo | zipfile.ZipInfo], name: str,
-                is_dir: bool, is_link: bool, member: tarfile.TarInfo | zipfile.ZipInfo) -> None:
+def _add_member(entries: dict[str, Entry], members: dict[str, int | str], name: str, is_dir: bool, is_link: bool,
+                member: int | str) -> None:
     parts = PurePosixPath(name).parts
     if name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
         entries[name] = Entry(name, "a member path outside the archive")
@@ -169,7 +173,7 @@ def _add_member(entries: dict[str, Entry], members: dict[str, tarfile.TarInfo | 
         entries[path] = Entry(path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # as Entry
 class Image:
     path: str
     label: str
@@ -233,8 +237,14 @@ def decode_all(tree: Tree, images: list[Image], shape: tuple[int, int, int], res
                 bar.update()
                 yield result
             return
-        # fork: the workers need nothing but this module, already imported.
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        # fork: the workers need nothing but this module, already imported. Frozen first, the
+        # parent's objects (a few hundred bytes per image) are never touched by the workers'
+        # garbage collector, so their pages stay shared instead of being copied into each worker.
+        gc.freeze()
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        finally:
+            gc.unfreeze()
         pending: deque = deque()
         while chunk := list(itertools.islice(jobs, _CHUNK)):
             pending.append(pool.apply_async(_decode_chunk, (chunk,)))
@@ -380,13 +390,16 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         write_split(out_dir, name, scratch, row_labels, chosen, stats if name == "train" else None)
         splits[name] = Split(*(np.load(out_dir / f"{name}_{kind}.npy", mmap_mode="r") for kind in ("images", "labels")))
     rows.sort()
-    used = "".join(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\n" for r in rows if r[3] and not r[4])
+    used = hashlib.sha256()  # row by row: the joined text would be ~100 bytes per image at once
+    for r in rows:
+        if r[3] and not r[4]:
+            used.update(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\n".encode())
     duplicates = sum(1 for r in rows if r[4].startswith("duplicate"))
     if duplicates:
         log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
                  tree.where, duplicates)
     return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
-                      duplicates, hashlib.sha256(used.encode()).hexdigest(), layout, stats.result())
+                      duplicates, used.hexdigest(), layout, stats.result())
 
 
 def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:
