@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from aptget import apt_install
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # fonts-liberation is only a recommendation of chromium-common; without a font with metrics
@@ -38,21 +40,6 @@ class BrowserUnavailable(RuntimeError):
     """No headless Chromium can be driven here; the message says what to do."""
 
 
-def _apt_install(packages: tuple[str, ...]) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", "--no-install-recommends",
-               *packages]
-    if subprocess.run(install, env=env, capture_output=True, text=True).returncode == 0:
-        return
-    # A fresh container usually has no package lists yet.
-    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"], env=env,
-                   capture_output=True, text=True)
-    second = subprocess.run(install, env=env, capture_output=True, text=True)
-    if second.returncode != 0:
-        raise BrowserUnavailable(
-            f"apt-get install {' '.join(packages)} failed ({second.returncode}):\n{second.stdout}\n{second.stderr}")
-
-
 def ensure_chromium() -> tuple[Path, Path]:
     """Paths of the browser and its driver, installing Debian's packages first when possible."""
     if CHROMIUM.exists() and CHROMEDRIVER.exists():
@@ -61,7 +48,9 @@ def ensure_chromium() -> tuple[Path, Path]:
         raise BrowserUnavailable(
             f"{CHROMIUM} or {CHROMEDRIVER} is missing; install them with "
             "`sudo apt-get install chromium chromium-driver` (Debian/Ubuntu)")
-    _apt_install(PACKAGES)
+    failure = apt_install(PACKAGES)
+    if failure:
+        raise BrowserUnavailable(failure)
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         raise BrowserUnavailable(f"{' '.join(PACKAGES)} installed, but {', '.join(missing)} still missing")

@@ -67,15 +67,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_directory(directory: Path, handler: type[http.server.BaseHTTPRequestHandler] | None = None) -> Iterator[str]:
-    """Serve `directory` on 127.0.0.1 at a free port; yield the base URL."""
+def serve_directory(directory: Path | None, handler: type[http.server.BaseHTTPRequestHandler] | None = None,
+                    poll_interval: float = 0.05) -> Iterator[str]:
+    """Serve `directory` (or answer with `handler`) on 127.0.0.1 at a free port; yield the base URL."""
     if handler is None:
         class handler(_QuietHandler):  # type: ignore[no-redef]
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, directory=str(directory), **kwargs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     # A short poll interval: shutdown() waits up to one interval, once per server per test.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/"

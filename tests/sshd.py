@@ -21,29 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aptget import apt_install
+from pgserver import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd refuses to start without it
 
 
 class SSHDUnavailable(RuntimeError):
     """No OpenSSH server can be started here; the message says what to do."""
-
-
-def _apt_install(package: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Wait for the dpkg lock instead of failing when someone else is installing something.
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", "--no-install-recommends", package]
-    first = subprocess.run(install, env=env, capture_output=True, text=True)
-    if first.returncode == 0:
-        return
-    # A fresh container usually has no package lists yet.
-    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"], env=env,
-                   capture_output=True, text=True)
-    second = subprocess.run(install, env=env, capture_output=True, text=True)
-    if second.returncode != 0:
-        raise SSHDUnavailable(
-            f"apt-get install {package} failed ({second.returncode}):\n{second.stdout}\n{second.stderr}"
-        )
 
 
 def ensure_sshd() -> Path:
@@ -57,16 +43,12 @@ def ensure_sshd() -> Path:
         )
     if shutil.which("apt-get") is None:
         raise SSHDUnavailable(f"{SSHD} is missing and there is no apt-get here: install an OpenSSH server")
-    _apt_install("openssh-server")
+    failure = apt_install(("openssh-server",))
+    if failure:
+        raise SSHDUnavailable(failure)
     if not SSHD.exists():
         raise SSHDUnavailable(f"openssh-server was installed but {SSHD} is still missing")
     return SSHD
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -145,7 +127,7 @@ def start_sshd(workdir: Path) -> SSHServer:
     authorized.write_text(client_key.with_suffix(".pub").read_text())
     authorized.chmod(0o600)
 
-    port = _free_port()
+    port = free_port()
     host = "127.0.0.1"
     # Pin this server's host key for the `ssh` client used to check the login.
     public_host_key = host_key.with_suffix(".pub").read_text().split()

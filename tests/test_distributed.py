@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fixtures import ROOT, set_params, tiny_project, toy_images
+from pgserver import free_port
 from imgclf import distributed
 from imgclf.config import Augment, MLPConfig, TrainConfig
 from imgclf.engine import Plan, Shard, fit
@@ -94,16 +95,10 @@ def _shard_worker(rank: int, world_size: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one_also_on_uneven_and_empty_shards(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_shard_worker, args=(2, free_port(), str(out)), nprocs=2)
     ddp = torch.load(out, weights_only=True)
     model, history = _train(Shard(), ddp=False)
     # Measured: equal to ~2e-8 (only the order of floating-point sums differs). Averaging the

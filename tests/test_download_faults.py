@@ -103,18 +103,10 @@ FAULTS: dict[str, tuple[Fault, bool, str]] = {
 STALLS = {"stall_after_headers", "stall_silent"}
 
 
-@contextmanager
-def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    # Like fixtures.serve_directory, but polled often: its 0.5 s shutdown poll, paid per server
-    # and per test, would otherwise be most of this file's run time.
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]):
+    # Polled more often than fixtures' default: the shutdown poll, paid per server and per
+    # test, would otherwise be much of this file's run time.
+    return serve_directory(None, handler, poll_interval=0.02)
 
 
 @contextmanager
