@@ -97,6 +97,13 @@ def test_unknown_architecture_lists_the_allowed_ones(params):
     )
 
 
+def test_an_architecture_given_as_a_list_is_a_one_line_error(params):
+    params["models"]["cnn"]["arch"] = ["cnn"]  # unhashable: the lookup must not crash
+    assert _error(config.load_model, "cnn", params) == (
+        "models.cnn.arch: got ['cnn']: must be one of 'mlp', 'cnn'"
+    )
+
+
 def test_architecture_specific_unknown_key(params):
     params["models"]["mlp"]["channels"] = [8]
     msg = _error(config.load_model, "mlp", params)

@@ -379,7 +379,7 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
 def _allowed_keys(model: type[BaseModel], raw: Any, loc: list[str]) -> list[str]:
     if model is _ModelHolder and isinstance(raw, dict):
         arch = raw.get("model", {}).get("arch")
-        model = ARCHITECTURES.get(arch, model)
+        model = ARCHITECTURES.get(arch, model) if isinstance(arch, str) else model
     return sorted(model.model_fields)
 
 
@@ -401,7 +401,8 @@ def load_model(name: str, params: dict[str, Any] | None = None) -> MLPConfig | C
     raw = _section(params, f"models.{name}", PARAMS_FILE.name)
     if not isinstance(raw, dict):
         raise ConfigError(f"models.{_shown(name)}: expected a mapping, got {raw!r}")
-    if raw.get("arch") not in ARCHITECTURES:
+    # A YAML list or mapping is unhashable: check the type before looking it up.
+    if not (isinstance(raw.get("arch"), str) and raw["arch"] in ARCHITECTURES):
         raise ConfigError(f"models.{_shown(name)}.arch: got {raw.get('arch')!r}: "
                           f"must be one of {', '.join(map(repr, ARCHITECTURES))}")
     try:
