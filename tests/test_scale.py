@@ -5,12 +5,10 @@ is preprocessed and read under a real cgroup memory limit with the same results.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
 import mmap
-import os
 import struct
 import sys
 import warnings
@@ -187,6 +185,7 @@ split = load_split(out, "train", load_meta(out))
 digest = hashlib.sha256()
 order = np.random.default_rng(0).permutation(len(split.labels))
 for first in range(0, len(order), 256):  # random batches gathered from the map, as training does
+    # (numpy's gather, not torch's: the same reads of the map without torch's ~300 MB of its own)
     idx = order[first : first + 256]
     digest.update(split.images[idx].tobytes())
     digest.update(split.labels[idx].tobytes())
@@ -209,7 +208,7 @@ def test_a_data_set_twice_the_memory_limit_preprocesses_and_reads_the_same(tmp_p
     bench = _bench()
     if bench.cgroup_root() is None:
         pytest.skip("needs a writable cgroup v1 memory controller (root)")
-    # 190 MB of processed images, twice the limit; the processes' own needs are ~30 MB.
+    # 181 MiB of processed images, over twice the limit; the processes' own needs are 20-50 MB.
     _write_raw(tmp_path / "raw", 70_000, 6_000, shape=(48, 52))
     env = {"PYTHONPATH": str(ROOT / "src")}
     limited, free = tmp_path / "limited", tmp_path / "free"
@@ -235,11 +234,7 @@ def test_a_data_set_twice_the_memory_limit_preprocesses_and_reads_the_same(tmp_p
     # Not cached before, so every page of the split was read into (and charged to) the group.
     assert train_mb > 1.5 * LIMIT_MB and read["peak_charged_mb"] <= LIMIT_MB and read["major_faults"] > 0
     assert read["peak_anon_mb"] < LIMIT_MB / 2  # the split was mapped, never copied in
-    split = load_split(free, "train", json.loads((free / "meta.json").read_text()), mmap=False)
-    digest = hashlib.sha256()
-    order = np.random.default_rng(0).permutation(len(split.labels))
-    for first in range(0, len(order), 256):
-        idx_ = order[first : first + 256]
-        digest.update(split.images[idx_].tobytes())
-        digest.update(split.labels[idx_].tobytes())
-    assert read["stdout"].strip() == digest.hexdigest()
+    # Seconds with the map advised for random access; without the advice, minutes (docs/scale.md).
+    assert read["seconds"] < 60, read
+    unlimited = bench.measure([sys.executable, "-c", _READ_BATCHES, str(free)], tmp_path, None, env, keep_stdout=True)
+    assert read["stdout"] == unlimited["stdout"] and len(read["stdout"].strip()) == 64

@@ -162,6 +162,12 @@ def write_split(out_dir: Path, name: str, images: np.ndarray, labels: np.ndarray
         array.flush()
 
 
+def map_split(out_dir: Path, name: str) -> Split:
+    """Read-only maps of a split this process has just written (no checks, no access advice:
+    such a split is read in order, to be copied)."""
+    return Split(*(np.load(out_dir / f"{name}_{kind}.npy", mmap_mode="r") for kind in ("images", "labels")))
+
+
 def save_processed(out_dir: Path, splits: dict[str, Split], meta: dict[str, Any]) -> None:
     """Write splits that are already arrays (in memory or mapped) and meta.json into out_dir."""
     for name, split in splits.items():

@@ -39,7 +39,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from imgclf.data.dataset import SPLITS, ChannelStats, Split, write_split
+from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
 from imgclf.data.images import ImageError, decode
 from imgclf.errors import DataError
 
@@ -388,7 +388,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
     for name in SPLITS:
         chosen = np.array(sorted(decoded[img.path][1] for img in members[name]), dtype=np.int64)
         write_split(out_dir, name, scratch, row_labels, chosen, stats if name == "train" else None)
-        splits[name] = Split(*(np.load(out_dir / f"{name}_{kind}.npy", mmap_mode="r") for kind in ("images", "labels")))
+        splits[name] = map_split(out_dir, name)
     rows.sort()
     used = hashlib.sha256()  # row by row: the joined text would be ~100 bytes per image at once
     for r in rows:

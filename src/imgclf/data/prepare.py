@@ -27,7 +27,7 @@ import yaml
 from imgclf.atomic import write_json, write_text
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
-from imgclf.data.dataset import SPLITS, ChannelStats, Split, load_split, stratified_split, write_split
+from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
 from imgclf.errors import DataError
@@ -74,7 +74,7 @@ def prepare(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, 
     except BaseException:
         work.cleanup()  # now, not when the traceback holding it is collected
         raise
-    splits = {s: load_split(Path(work.name), s, meta) for s in SPLITS}
+    splits = {s: map_split(Path(work.name), s) for s in SPLITS}
     manifest = Path(work.name) / MANIFEST
     return Prepared(splits, meta, manifest.read_text(encoding="utf-8") if manifest.exists() else None, work)
 
