@@ -201,7 +201,7 @@ def measure(cmd: list[str], cwd: Path, limit_mb: int | None = None, env: dict | 
             # is sampled. (memory.failcnt stays 0 on this kernel even when the limit is reached.)
             result.update(limit_mb=limit_mb, peak_anon_mb=round(group.peak_anon / MB, 1),
                           peak_charged_mb=round(group.read("memory.max_usage_in_bytes") / MB, 1),
-                          major_faults=stat.get("total_pgmajfault"))
+                          page_faults=stat.get("total_pgfault"), major_faults=stat.get("total_pgmajfault"))
         else:
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)
             result.update(limit_mb=None, peak_rss_mb=round(max(usage.ru_maxrss, usage_before.ru_maxrss) / 1024, 1))

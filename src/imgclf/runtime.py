@@ -43,7 +43,10 @@ def configure(seed: int, threads: int, deterministic: bool = True) -> None:
         deterministic_cuda_env()
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    # The same switch as torch.use_deterministic_algorithms, which also sets torch.compile's
+    # (inductor's) flag and so imports the compiler: 2.5 s at every stage start. The engine
+    # does not compile (README, "Benchmark").
+    torch.set_deterministic_debug_mode("error" if deterministic else "default")
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
 

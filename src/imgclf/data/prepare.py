@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +25,12 @@ import yaml
 from imgclf.atomic import write_json, write_text
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
-from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, stratified_split, write_split
+from imgclf.data.dataset import ChannelStats, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
 from imgclf.errors import DataError
 
 MANIFEST = "manifest.csv"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    splits: dict[str, Split]  # maps of the files in `work`
-    meta: dict[str, Any]
-    manifest: str | None  # CSV, image folders only
-    work: tempfile.TemporaryDirectory | None = None  # holds the mapped files until this is dropped
 
 
 def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path,
@@ -60,23 +50,6 @@ def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: Preprocess
         meta = _write_builtin(out_dir, name, ds, pre, raw_dir)
     write_json(out_dir / "meta.json", meta)
     return meta
-
-
-def prepare(name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path, root: Path) -> Prepared:
-    """`write_processed` into a scratch directory beside data/processed, the splits returned as
-    maps of its files, for a caller that then writes its outputs with `save_processed` (a
-    block-by-block copy). Writing into the output directory with `write_processed` saves that copy."""
-    # Beside the output, not in /tmp: that may be RAM (tmpfs), and the maps must be disk-backed.
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    work = tempfile.TemporaryDirectory(prefix=".preprocess-", suffix=".tmp", dir=root / "data")
-    try:
-        meta = write_processed(Path(work.name), name, ds, pre, raw_dir, root)
-    except BaseException:
-        work.cleanup()  # now, not when the traceback holding it is collected
-        raise
-    splits = {s: map_split(Path(work.name), s) for s in SPLITS}
-    manifest = Path(work.name) / MANIFEST
-    return Prepared(splits, meta, manifest.read_text(encoding="utf-8") if manifest.exists() else None, work)
 
 
 def _write_builtin(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path) -> dict[str, Any]:
