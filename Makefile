@@ -54,9 +54,11 @@ repro: venv data-source
 pull: venv
 	$(BIN)/python -m imgclf.pull $(PULL_ARGS)
 
-# Test files run in parallel, one file per worker at a time (module fixtures such as a trained
-# tiny project are shared within a file); most of a test's time is process start-up, not compute.
-TEST_WORKERS ?= auto
+# Test files run in parallel, one file per worker at a time, longest first (tests/conftest.py;
+# module fixtures such as a trained tiny project are shared within a file). One worker more
+# than CPUs: about a fifth of a test's time is waiting (servers starting, polling a queue), and
+# the extra worker computes meanwhile. Most of the rest is process start-up, not compute.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: venv data-source
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
