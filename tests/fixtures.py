@@ -162,12 +162,12 @@ TINY = {
 
 
 @contextmanager
-def tiny_project(base: Path, extra=None) -> Iterator[Project]:
+def tiny_project(base: Path, extra=None, train_per_class: int = 30) -> Iterator[Project]:
     """A copy of this repository set up for the tiny data set (TINY params, mirrors pointing at
     a loopback server that serves it while the block runs). `extra(params)` adjusts further;
     the project's `tiny` attribute applies the same params to another copy."""
     mirror = base / "mirror"
-    checksums = make_fashion_like(mirror)
+    checksums = make_fashion_like(mirror, train_per_class=train_per_class)
     with serve_directory(mirror) as url:
         def tiny(params):
             params["download"].update(dataset="fashion_mnist", retries=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_fashion_like, make_project, serve_directory, set_params
+from fixtures import set_params, tiny_project
 from imgclf import checkpoint
 from imgclf.training import HISTORY_COLUMNS
 
@@ -32,19 +32,13 @@ INTERRUPTED = "error: interrupted; outputs of this stage were left as they were"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    base = tmp_path_factory.mktemp("interrupt")
-    mirror = base / "mirror"
-    checksums = make_fashion_like(mirror, train_per_class=300)
-    with serve_directory(mirror) as url:
-        def tiny(params):
-            params["download"].update(retries=0)
-            params["datasets"]["fashion_mnist"].update(mirrors=[url], files=checksums)
-            params["train"].update(TRAIN)
-            params["models"] = MODELS
-            params["evaluate"].update(batch_size=500, top_misclassified=2)
-            params["report"].update(samples_per_class=1, prediction_grid=4)
+    def interruptible(params):
+        params["train"].update(TRAIN)
+        params["models"] = MODELS
+        params["evaluate"].update(batch_size=500, top_misclassified=2)
+        params["report"].update(samples_per_class=1, prediction_grid=4)
 
-        proj = make_project(base, tiny)
+    with tiny_project(tmp_path_factory.mktemp("interrupt"), interruptible, train_per_class=300) as proj:
         proj.run("dvc", "repro")
         yield proj
 
