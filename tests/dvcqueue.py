@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -15,9 +16,24 @@ from fixtures import TINY, Project
 EXPERIMENT = "fashion-mnist-lesson"
 
 
-def wait_for_queue(project: Project, limit_s: float = 420) -> str:
-    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
+def wait_for_queue(project: Project, names: list[str], limit_s: float = 420) -> str:
+    """Wait until the queued experiments `names` have run and nothing is queued or running;
+    return the last `dvc queue status` table."""
     deadline = time.monotonic() + limit_s
+    # Each `dvc queue status` is a DVC process of its own, seconds of CPU taken from the
+    # experiments: first follow each one's log (`dvc queue logs -f` returns when it has
+    # finished, sleeping in between), then poll the status table for the rest (results
+    # collected into the workspace's repository).
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                proc = subprocess.run(["dvc", "queue", "logs", "-f", name], cwd=project.path, env=project.env,
+                                      capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+            if proc.returncode == 0 or "has not been started" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)  # not picked up by a worker yet
     while True:
         status = project.run("dvc", "queue", "status").stdout
         if not re.search(r"\b(Queued|Running)\b", status):
@@ -40,11 +56,14 @@ def failure_logs(project: Project, status: str) -> str:
 def run_queued(project: Project, lrs: tuple[str, ...]) -> dict[str, float]:
     """Queue one experiment per train.lr, run them two at a time; return {name: lr} as
     `dvc exp show` reports them."""
+    names = []
     for lr in lrs:
-        project.run("dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
+        out = project.run("dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}").stdout
+        names += re.findall(r"Queued experiment '([^']+)' for future execution", out)
+    assert len(names) == len(lrs), names
     try:
         project.run("dvc", "queue", "start", "-j", "2")
-        status = wait_for_queue(project)
+        status = wait_for_queue(project, names)
     finally:
         # Workers exit by themselves once the queue is empty; stop them if the wait gave up.
         project.run("dvc", "queue", "stop", "--kill", check=False)
