@@ -55,10 +55,10 @@ pull: venv
 	$(BIN)/python -m imgclf.pull $(PULL_ARGS)
 
 # Test files run in parallel, one file per worker at a time, longest first (tests/conftest.py;
-# module fixtures such as a trained tiny project are shared within a file). One worker more
-# than CPUs: about a fifth of a test's time is waiting (servers starting, polling a queue), and
-# the extra worker computes meanwhile. Most of the rest is process start-up, not compute.
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# module fixtures such as a trained tiny project are shared within a file). One worker per CPU:
+# the suite is CPU-bound (a third worker on 2 cores made it no faster, 2026-12-01), most of
+# it process start-up (torch, MLflow) in the tiny pipelines' stages, not compute.
+TEST_WORKERS ?= auto
 test: venv data-source
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 

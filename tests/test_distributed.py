@@ -135,7 +135,9 @@ cli.run(lambda: distributed.launch(Path(sys.argv[1]), sys.argv[2:], cfg))
 WORKER = """
 import os, sys, time
 rank = int(os.environ["RANK"])
-print(f"rank {rank} of {os.environ['WORLD_SIZE']} writer-node={os.environ.get('IMGCLF_PIPELINE_NODE')}", file=sys.stderr, flush=True)
+# One write(2) of the whole line: print() writes the text and the newline separately to
+# stderr (write-through), and two ranks' lines then interleave on a loaded machine.
+os.write(2, f"rank {rank} of {os.environ['WORLD_SIZE']} writer-node={os.environ.get('IMGCLF_PIPELINE_NODE')}\\n".encode())
 with open(f"pid-{rank}", "w") as f:
     f.write(str(os.getpid()))
 if sys.argv[1] == "fail":
