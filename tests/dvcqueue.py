@@ -79,15 +79,17 @@ def run_queued(project: Project, lrs: tuple[str, ...]) -> dict[str, float]:
     return found
 
 
-def check_experiment_runs(client, experiments: dict[str, float], registered: str, accuracy_tag: str) -> None:
-    """Every experiment has one run per model with its own lr, every epoch's metrics, the test
-    accuracy, the report and one logged model; its cnn is a registry version with its accuracy."""
+def check_experiment_runs(client, experiments: dict[str, float], models: tuple[str, ...], registered: str,
+                          accuracy_tag: str) -> None:
+    """Every experiment has one run per model in `models` with its own lr, every epoch's metrics,
+    the test accuracy, the report and one logged model; its cnn is a registry version with its
+    accuracy."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
     epochs = TINY["train"]["epochs"]
     registered_runs = {v.run_id: v for v in client.search_model_versions(f"name = '{registered}'")}
     for exp_name, lr in experiments.items():
         runs = client.search_runs([experiment.experiment_id], f"tags.dvc_exp_name = '{exp_name}'")
-        assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"], exp_name
+        assert sorted(r.data.tags["model_name"] for r in runs) == sorted(models), exp_name
         for run in runs:
             model = run.data.tags["model_name"]
             expected_lr = lr if model == "cnn" else TINY["models"]["mlp"]["train"].get("lr", lr)

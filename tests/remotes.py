@@ -11,9 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from fixtures import TINY, Project, git
+from fixtures import Project, git
 
-MODELS = tuple(TINY["models"])
 UP_TO_DATE = "Data and pipelines are up to date."  # DVC 3.67's `dvc status`, as docs/team.md quotes it
 
 
@@ -100,7 +99,7 @@ def check_teammate_is_ready(alice: Project, bob: Project) -> None:
     assert bob.repro() == set()
     compared = sorted(p.relative_to(alice.path) for p in alice.path.glob("metrics/*/test.json"))
     compared.append(Path("reports/report.md"))
-    assert len(compared) == len(MODELS) + 1
+    assert len(compared) == len(alice.models) + 1
     for rel in compared:
         assert (bob.path / rel).read_bytes() == (alice.path / rel).read_bytes(), rel
     assert lock_outs(bob.path) == lock_outs(alice.path)

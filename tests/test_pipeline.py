@@ -10,6 +10,8 @@ import yaml
 
 from fixtures import TINY, git, set_params, tiny_project
 
+from imgclf.dvcfiles import stages_in
+
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,25 @@ def test_mlflow_runs_carry_params_epochs_test_metrics_model_and_provenance(proje
         assert any(m.source_run_id == run.info.run_id for m in logged), name
 
 
+def test_the_registered_version_is_the_configured_models_run_among_both(project):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import file_sha256
+
+    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    settings = yaml.safe_load((project.path / "params.yaml").read_text())["mlflow"]
+    assert settings["register_model"] == "cnn"  # the shipped default, which the tiny params keep
+    versions = client.search_model_versions(f"name = '{settings['registered_name']}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    # Two models trained in the same experiment: the version is the cnn's run, found by the
+    # cnn's model file, not the mlp's run.
+    run = client.get_run(versions[0].run_id)
+    assert run.data.tags["model_name"] == "cnn"
+    assert run.data.tags["model_sha256"] == file_sha256(project.path / "models/cnn/model.pt")
+
+
 def test_logged_model_predicts_from_raw_pixels(project):
     import mlflow
     import numpy as np
@@ -123,33 +144,47 @@ def test_bad_param_fails_in_one_line_and_leaves_outputs_untouched(project):
     assert "up to date" in project.run("dvc", "status").stdout
 
 
-def test_training_param_reruns_training_not_data(project):
-    set_params(project.path, lambda p: p["train"].__setitem__("lr", 0.04))
-    assert project.repro() == {"validate", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
-
-
 def test_one_models_param_reruns_only_that_model(project):
     set_params(project.path, lambda p: p["models"]["cnn"].__setitem__("hidden", 24))
     assert project.repro() == {"validate", "train@cnn", "evaluate@cnn", "report"}
 
 
 def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
+    # What DVC finds changed is what `dvc repro` would run first (the report follows from the
+    # new metrics); the edit is undone, so no stage is trained for it.
     models_py = project.path / "src/imgclf/models.py"
-    models_py.write_text(models_py.read_text() + "\n# an edit\n")
-    assert project.repro() == {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}
+    original = models_py.read_text()
+    models_py.write_text(original + "\n# an edit\n")
+    try:
+        status = json.loads(project.run("dvc", "status", "--json").stdout)
+    finally:
+        models_py.write_text(original)
+    assert set(status) == {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn"}, status
+    assert all(entry == [{"changed deps": {"src/imgclf/models.py": "modified"}}] for entry in status.values()), status
+    assert "up to date" in project.run("dvc", "status").stdout
 
 
 def test_preprocess_param_reruns_from_preprocess_down(project):
     set_params(project.path, lambda p: p["preprocess"].__setitem__("seed", 7))
-    assert project.repro() == _stage_names() - {"download"}
+    ran = stages_in(project.run("dvc", "repro", "preprocess").stdout)["ran"]
     # validate reran but wrote the same bytes, so download (its only dependant) did not.
+    assert set(ran) == {"validate", "preprocess"}, ran
+    # The new split is a changed dependency of every stage below: `dvc repro` reruns them all
+    # (the next test does, with a training param changed too).
+    status = json.loads(project.run("dvc", "status", "--json").stdout)
+    assert set(status) == _stage_names() - {"validate", "download", "preprocess"}, status
+    for stage, entries in status.items():
+        changed = {path for entry in entries for path in entry.get("changed deps", {})}
+        assert "data/processed" in changed, (stage, entries)
 
 
-def test_dvc_exp_run_sets_a_param_and_tags_the_mlflow_runs(project):
+def test_dvc_exp_run_of_a_training_param_reruns_training_not_data_and_tags_the_mlflow_runs(project):
     import mlflow
 
     out = project.run("dvc", "exp", "run", "-n", "lr-003", "-S", "train.lr=0.03").stdout
-    assert "Running stage 'train@cnn'" in out and "Running stage 'download'" not in out
+    # `-S` edits params.yaml, then reproduces: what `dvc repro` after the same edit would run.
+    assert set(stages_in(out)["ran"]) == \
+        {"validate", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}, out
     shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "lr-003" in text and "test/accuracy" in text

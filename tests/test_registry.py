@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dvcqueue import check_experiment_runs, run_queued
-from fixtures import ROOT, Project, git, tiny_project
+from fixtures import ONE_MODEL, ROOT, Project, git, tiny_project
 from imgclf import registry
 from imgclf.errors import ConfigError
 
@@ -207,7 +207,7 @@ def trained(tmp_path_factory):
     def register(params):
         params["mlflow"].update(register_model="cnn", registered_name=REGISTERED)
 
-    with tiny_project(tmp_path_factory.mktemp("registry-e2e"), register) as proj:
+    with tiny_project(tmp_path_factory.mktemp("registry-e2e"), register, models=ONE_MODEL) as proj:
         proj.repro()
         git(proj.path, "add", "-A")
         git(proj.path, "commit", "-qm", "tiny trained")
@@ -231,7 +231,8 @@ def test_evaluate_registers_the_configured_model_as_first_champion(trained):
     assert [str(v.version) for v in versions] == ["1"]
     version = versions[0]
     run = client.get_run(version.run_id)
-    # The version comes from the cnn's training run (found by its model file), not the mlp's.
+    # The version comes from the cnn's training run, found by its model file (which run among
+    # several models': test_pipeline.py).
     assert run.data.tags["model_name"] == "cnn"
     assert run.data.tags["model_sha256"] == file_sha256(trained.path / "models/cnn/model.pt")
     test = json.loads((trained.path / "metrics/cnn/test.json").read_text())
@@ -267,6 +268,6 @@ def test_queued_experiments_log_complete_runs_into_the_one_store(trained):
     client = _client(Project(project.path, {"MLFLOW_TRACKING_URI": default_store}))
     # The project's one store: the queued copies under .dvc/tmp/exps wrote here, not there.
     assert not list((project.path / ".dvc" / "tmp").rglob("mlflow.db"))
-    check_experiment_runs(client, experiments, REGISTERED, registry.ACCURACY_TAG)
+    check_experiment_runs(client, experiments, trained.models, REGISTERED, registry.ACCURACY_TAG)
     # This store holds only the two experiments' versions.
     assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 2

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-from fixtures import tiny_project
+from fixtures import ONE_MODEL, tiny_project
 from pgserver import free_port
 from teamserver import start_team_server
-from remotes import MODELS, check_teammate_is_ready, commit_all, lock_outs, output, publish, teammate
+from remotes import check_teammate_is_ready, commit_all, lock_outs, output, publish, teammate
 from s3server import start_s3_server
 
 pytestmark = pytest.mark.slow
@@ -60,10 +60,10 @@ def mlflow_server(s3, postgres, tmp_path_factory, request):
 def trained(mlflow_server, tmp_path_factory):
     """The tiny pipeline, logged to the team server from a workspace without S3 credentials,
     then committed."""
-    with tiny_project(tmp_path_factory.mktemp("s3-team")) as proj:
+    with tiny_project(tmp_path_factory.mktemp("s3-team"), models=ONE_MODEL) as proj:
         proj.env = {**_without_s3_credentials(proj.env), **mlflow_server.env(mlflow_server.admin[0])}
         ran = proj.repro()
-        assert {f"train@{m}" for m in MODELS} | {"report"} <= ran, ran
+        assert {f"train@{m}" for m in proj.models} | {"report"} <= ran, ran
         commit_all(proj, "trained against the team server")
         yield proj
 
@@ -81,7 +81,7 @@ def test_pipeline_artifacts_land_in_the_bucket_through_the_server(trained, s3, m
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment.artifact_location
     keys = s3.keys(BUCKET, f"{ARTIFACTS}/")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["model_name"] for r in runs) == sorted(MODELS)
+    assert sorted(r.data.tags["model_name"] for r in runs) == sorted(trained.models)
     figures = sorted(p.name for p in (trained.path / "reports" / "figures").iterdir())
     assert figures, "the report wrote no figures"
     for run in runs:
@@ -91,7 +91,7 @@ def test_pipeline_artifacts_land_in_the_bucket_through_the_server(trained, s3, m
         assert {f"report/figures/{f}" for f in figures} <= mine, sorted(mine)
     # One logged model per trained model, its MLmodel and weights stored in the bucket.
     models = [k.removesuffix("MLmodel") for k in keys if k.endswith("/MLmodel")]
-    assert len(models) == len(MODELS), models
+    assert len(models) == len(trained.models), models
     for model in models:
         assert [k for k in keys if k.startswith(f"{model}data/")], f"no weights under {model}data/"
     # ...and nothing on the server's disk instead.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dvcqueue import check_experiment_runs, run_queued
-from fixtures import BIN, ROOT, TINY, tiny_project
+from fixtures import BIN, ONE_MODEL, ROOT, TINY, tiny_project
 from imgclf import tracking
 from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
@@ -144,7 +144,7 @@ def server(postgres, tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A tiny project whose data is downloaded and split, nothing trained yet."""
-    with tiny_project(tmp_path_factory.mktemp("served")) as proj:
+    with tiny_project(tmp_path_factory.mktemp("served"), models=ONE_MODEL) as proj:
         proj.run("dvc", "repro", "preprocess")
         yield proj
 
@@ -282,12 +282,13 @@ def test_pipeline_logs_runs_metrics_models_and_report_to_the_server(served_run, 
     import mlflow
 
     repo = served_run.path
-    assert {"train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"} <= served_run.ran
+    models = served_run.models
+    assert {*(f"train@{m}" for m in models), *(f"evaluate@{m}" for m in models), "report"} <= served_run.ran
     experiment = client.get_experiment_by_name(EXPERIMENT)
     # Artifacts go through the server (proxied), never straight to a path on this machine.
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment.artifact_location
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"]  # one run per model
+    assert sorted(r.data.tags["model_name"] for r in runs) == sorted(models)  # one run per model
     logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
     for run in runs:
         name = run.data.tags["model_name"]
@@ -300,10 +301,10 @@ def test_pipeline_logs_runs_metrics_models_and_report_to_the_server(served_run, 
         assert [m.source_run_id for m in logged].count(run.info.run_id) == 1, name
         local = client.download_artifacts(run.info.run_id, "report/report.html", str(tmp_path / name))
         html = Path(local).read_text(encoding="utf-8")
-        assert "mlp" in html and "cnn" in html, name
+        assert all(m in html for m in models), name
     # The script honoured MLFLOW_ARTIFACTS_DESTINATION: the server stored the files there.
     stored = list(server.artifacts.rglob("report.html"))
-    assert len(stored) == 2, stored
+    assert len(stored) == len(models), stored
 
 
 @pytest.mark.slow
@@ -313,7 +314,7 @@ def test_runs_and_registry_live_in_postgresql(served_run, server, client):
     # Read the database directly: the server kept runs in PostgreSQL, not in a SQLite file.
     with psycopg2.connect(server.pg.uri) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == 2
+        assert cur.fetchone()[0] == len(served_run.models)
         cur.execute("SELECT name, version FROM model_versions")
         assert cur.fetchall() == [(REGISTERED, 1)]
         cur.execute("SELECT alias, version FROM registered_model_aliases")
@@ -335,7 +336,7 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
     reader = as_user(server, "reader")
     experiment = reader.get_experiment_by_name(EXPERIMENT)
     runs = reader.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"]
+    assert sorted(r.data.tags["model_name"] for r in runs) == sorted(served_run.models)
     champion = reader.get_model_version_by_alias(REGISTERED, CHAMPION)
     local = Path(reader.download_artifacts(champion.run_id, "report/report.html", str(tmp_path / "report")))
     assert "cnn" in local.read_text(encoding="utf-8")
@@ -382,11 +383,11 @@ def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(served_r
     served_run.run("git", "commit", "-qm", "tiny pipeline trained against the server")
     before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
     experiments = run_queued(served_run, ("0.03", "0.04"))
-    check_experiment_runs(client, experiments, REGISTERED, ACCURACY_TAG)
+    check_experiment_runs(client, experiments, served_run.models, REGISTERED, ACCURACY_TAG)
     # Nothing went to a local store instead: no SQLite file in the project or its temp copies.
     assert not list(served_run.path.rglob("mlflow.db"))
     with psycopg2.connect(server.pg.uri) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == len(before) + 2 * len(experiments)
+        assert cur.fetchone()[0] == len(before) + len(served_run.models) * len(experiments)
         cur.execute("SELECT version FROM model_versions WHERE name = %s ORDER BY version", (REGISTERED,))
         assert [v for (v,) in cur.fetchall()] == [1, 2, 3]
