@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from imgclf.atomic import write_json
 from imgclf.data import idx
+from imgclf.data.dataset import Split, write_split
 from imgclf.dvcfiles import stages_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,14 @@ def make_fashion_like(directory: Path, train_per_class: int = 30, test_per_class
             (directory / name).write_bytes(gzip.compress(content, mtime=0))
             checksums[name] = hashlib.sha256(content).hexdigest()
     return checksums
+
+
+def save_processed(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
+    """Write arrays as a processed data set (each split's .npy files, meta.json), the layout
+    the preprocess stage writes, for tests that start from processed data."""
+    for name, split in splits.items():
+        write_split(out_dir, name, split.images, split.labels)
+    write_json(out_dir / "meta.json", meta)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from imgclf.data.dataset import Split, channel_stats, load_meta, load_split, save_processed, stratified_split
+from fixtures import save_processed
+
+from imgclf.data.dataset import Split, channel_stats, load_meta, load_split, stratified_split
 from imgclf.errors import DataError
 
 

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fixtures import ROOT
+from fixtures import ROOT, save_processed
 from imgclf import checkpoint, config
 from imgclf.data import idx
-from imgclf.data.dataset import Split, load_split, save_processed
+from imgclf.data.dataset import Split, load_split
 from imgclf.errors import ConfigError, DataError
 from imgclf.models import build_model
 

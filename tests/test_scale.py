@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import save_processed
+
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import idx
-from imgclf.data.dataset import SPLITS, Split, channel_stats, load_meta, load_split, save_processed, stratified_split
+from imgclf.data.dataset import SPLITS, Split, channel_stats, load_meta, load_split, stratified_split
 from imgclf.data.prepare import write_processed
 from imgclf.data.raw import IDX_FILES
 from imgclf.errors import DataError

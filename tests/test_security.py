@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import ROOT, make_fashion_like, make_project, serve_directory
-from imgclf.data.dataset import Split, save_processed
+from fixtures import ROOT, make_fashion_like, make_project, save_processed, serve_directory
+from imgclf.data.dataset import Split
 from imgclf.data.download import fetch_all, fetch_one
 from imgclf.errors import ConfigError
 

@@ -6,9 +6,11 @@ import logging
 import numpy as np
 import pytest
 
+from fixtures import save_processed
+
 from imgclf import distributed, runlog, tracking, training
 from imgclf.config import MLPConfig, TrainConfig
-from imgclf.data.dataset import Split, save_processed
+from imgclf.data.dataset import Split
 from imgclf.errors import TrackingError
 from imgclf.models import Classifier, build_model
 

@@ -29,8 +29,15 @@ def run(main: Callable[[], None]) -> None:
     except PipelineError as exc:
         if os.environ.get("IMGCLF_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; outputs of this stage were left as they were", file=sys.stderr)
+        _say("error: interrupted; outputs of this stage were left as they were")
         sys.exit(130)
+
+
+def _say(line: str) -> None:
+    # One write, newline included: print() writes text and newline separately, and under
+    # torchrun two processes' lines on the shared stderr could then interleave.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

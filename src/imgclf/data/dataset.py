@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from imgclf.atomic import write_json
 from imgclf.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -163,16 +162,9 @@ def write_split(out_dir: Path, name: str, images: np.ndarray, labels: np.ndarray
 
 
 def map_split(out_dir: Path, name: str) -> Split:
-    """Read-only maps of a split this process has just written (no checks, no access advice:
-    such a split is read in order, to be copied)."""
+    """Read-only maps of a split this process has just written: no checks (it wrote them) and no
+    random-access advice (its callers read it once, in order: the labels, or all of it)."""
     return Split(*(np.load(out_dir / f"{name}_{kind}.npy", mmap_mode="r") for kind in ("images", "labels")))
-
-
-def save_processed(out_dir: Path, splits: dict[str, Split], meta: dict[str, Any]) -> None:
-    """Write splits that are already arrays (in memory or mapped) and meta.json into out_dir."""
-    for name, split in splits.items():
-        write_split(out_dir, name, split.images, split.labels)
-    write_json(out_dir / "meta.json", meta)
 
 
 def load_meta(processed_dir: Path) -> dict[str, Any]:
