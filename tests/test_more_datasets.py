@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from matplotlib import image as mpimg
 
-from fixtures import FASHION_FILES, ROOT, TINY, make_fashion_like, make_project, serve_directory, set_params
+from fixtures import FASHION_FILES, TINY, make_fashion_like, make_project, serve_directory, set_params
 from imgclf import config
 from imgclf.data import cifar
 from imgclf.data.dataset import channel_stats
