@@ -144,11 +144,6 @@ def test_bad_param_fails_in_one_line_and_leaves_outputs_untouched(project):
     assert "up to date" in project.run("dvc", "status").stdout
 
 
-def test_one_models_param_reruns_only_that_model(project):
-    set_params(project.path, lambda p: p["models"]["cnn"].__setitem__("hidden", 24))
-    assert project.repro() == {"validate", "train@cnn", "evaluate@cnn", "report"}
-
-
 def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
     # What DVC finds changed is what `dvc repro` would run first (the report follows from the
     # new metrics); the edit is undone, so no stage is trained for it.
@@ -164,32 +159,62 @@ def test_model_source_edit_reruns_neither_download_nor_preprocess(project):
     assert "up to date" in project.run("dvc", "status").stdout
 
 
+def _changed_stages(project, edit) -> dict[str, set[str]]:
+    """What `dvc status` finds changed after `edit(params)`, as {stage: changed deps}; the edit
+    is undone, so nothing is trained for it. What DVC finds changed is what `dvc repro` runs."""
+    original = (project.path / "params.yaml").read_text()
+    set_params(project.path, edit)
+    try:
+        status = json.loads(project.run("dvc", "status", "--json").stdout)
+    finally:
+        (project.path / "params.yaml").write_text(original)
+    return {stage: {dep for entry in entries for dep in entry.get("changed deps", {})} for stage, entries in status.items()}
+
+
+def test_a_shared_training_param_changes_every_model_one_models_param_only_that_one(project):
+    shared = _changed_stages(project, lambda p: p["train"].__setitem__("lr", 0.03))
+    # validate reads every param; each train stage reads the shared train section.
+    assert set(shared) == {"validate", "train@mlp", "train@cnn"}, shared
+    assert all(deps == {"params.yaml"} for deps in shared.values()), shared
+    # One model's entry: its own stages and the report (which reads every model's entry).
+    own = _changed_stages(project, lambda p: p["models"]["cnn"].__setitem__("hidden", 24))
+    assert set(own) == {"validate", "train@cnn", "evaluate@cnn", "report"}, own
+    assert all(deps == {"params.yaml"} for deps in own.values()), own
+    assert "up to date" in project.run("dvc", "status").stdout
+
+
 def test_preprocess_param_reruns_from_preprocess_down(project):
+    original = (project.path / "params.yaml").read_text()
     set_params(project.path, lambda p: p["preprocess"].__setitem__("seed", 7))
     ran = stages_in(project.run("dvc", "repro", "preprocess").stdout)["ran"]
     # validate reran but wrote the same bytes, so download (its only dependant) did not.
     assert set(ran) == {"validate", "preprocess"}, ran
-    # The new split is a changed dependency of every stage below: `dvc repro` reruns them all
-    # (the next test does, with a training param changed too).
+    # The new split is a changed dependency of every stage below: `dvc repro` would rerun them all.
     status = json.loads(project.run("dvc", "status", "--json").stdout)
     assert set(status) == _stage_names() - {"validate", "download", "preprocess"}, status
     for stage, entries in status.items():
         changed = {path for entry in entries for path in entry.get("changed deps", {})}
         assert "data/processed" in changed, (stage, entries)
+    # The seed back: preprocess runs again (its persistent output keeps it out of DVC's run
+    # cache) and splits exactly as the first time, so nothing below it is stale.
+    (project.path / "params.yaml").write_text(original)
+    assert "preprocess" in stages_in(project.run("dvc", "repro", "preprocess").stdout)["ran"]
+    assert "up to date" in project.run("dvc", "status").stdout
 
 
-def test_dvc_exp_run_of_a_training_param_reruns_training_not_data_and_tags_the_mlflow_runs(project):
+def test_dvc_exp_run_of_one_models_training_param_reruns_only_that_model_and_tags_its_mlflow_run(project):
     import mlflow
 
-    out = project.run("dvc", "exp", "run", "-n", "lr-003", "-S", "train.lr=0.03").stdout
+    # The tiny cnn has no `train` overrides yet: `+` adds the key, as Hydra overrides do.
+    out = project.run("dvc", "exp", "run", "-n", "lr-003", "-S", "+models.cnn.train.lr=0.03").stdout
     # `-S` edits params.yaml, then reproduces: what `dvc repro` after the same edit would run.
-    assert set(stages_in(out)["ran"]) == \
-        {"validate", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn", "report"}, out
+    # The mlp's stages and the data stages are untouched.
+    assert set(stages_in(out)["ran"]) == {"validate", "train@cnn", "evaluate@cnn", "report"}, out
     shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "lr-003" in text and "test/accuracy" in text
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["fashion-mnist-lesson"],
                               filter_string="tags.dvc_exp_name = 'lr-003'", output_format="list")
-    assert sorted(r.data.tags["model_name"] for r in runs) == ["cnn", "mlp"]
-    assert all(r.data.params["train.lr"] == "0.03" for r in runs if r.data.tags["model_name"] == "cnn")
+    assert [r.data.tags["model_name"] for r in runs] == ["cnn"]
+    assert runs[0].data.params["train.lr"] == "0.03"
