@@ -5,10 +5,12 @@ with a throwaway CA, and users added the way `make mlflow-user` adds them.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +65,21 @@ class TeamServer:
             raise AssertionError(f"adding {user} failed ({proc.returncode}):\n{proc.stderr}")
 
     def stop(self) -> None:
+        _drop_mlflow_connections()
         stop_session(self.proc)
+
+
+def _drop_mlflow_connections() -> None:
+    """Close the HTTP connections this test process's MLflow clients keep open. The server waits
+    up to its graceful-shutdown timeout (10 s, scripts/mlflow_server.sh) for a kept-alive HTTPS
+    connection to close: measured, a stop took 11.5 s with one open and 1.4 s without. MLflow
+    caches one requests session per client configuration; once the cache lets go of them they
+    are garbage, and collecting them closes their sockets."""
+    request_utils = sys.modules.get("mlflow.utils.request_utils")  # never imported: nothing to close
+    cached = getattr(request_utils, "_cached_get_request_session", None)
+    if cached is not None:
+        cached.cache_clear()
+        gc.collect()
 
 
 def start_team_server(pg: PgServer, work: Path, request, *, tls: bool, users: dict[str, str],

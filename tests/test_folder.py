@@ -384,3 +384,34 @@ def test_an_archive_at_a_url_is_fetched_verified_and_read_by_the_stages(tmp_path
     assert sum(meta["counts"].values()) == 60
     assert (processed / "manifest.csv").read_text().startswith("path,class,split,sha256,note\n")
     assert sorted(p.name for p in (project.path / "data" / "raw").iterdir()) == ["photos.tar"]
+
+
+def test_the_sample_tool_writes_official_images_into_class_folders(tmp_path):
+    """`python -m imgclf.data.sample`, README's way to a first image folder: the first N training
+    and N/5 test images of each class (every image with --all), the raw files' pixels in PNG
+    files named by their position, and an existing folder refused rather than overwritten."""
+    from fixtures import tiny_project
+
+    from imgclf.data.raw import load_raw
+
+    with tiny_project(tmp_path) as project:  # 30 training and 10 test images per class
+        project.run("python", "-m", "imgclf.data.sample", "--all", "--out", "data/images/every")
+        project.run("python", "-m", "imgclf.data.sample", "--per-class", "6")
+        again = project.run("python", "-m", "imgclf.data.sample", "--per-class", "6", check=False)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == \
+        "error: data/images/fashion_png already exists: remove it first (or choose --out)", again.stderr
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for gz in (tmp_path / "mirror").glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    classes = config.load_dataset("fashion_mnist", config.read_params(project.path / "params.yaml")).classes
+    official = dict(zip(("train", "test"), load_raw(raw, "idx", tuple(classes))))
+    for out, per_class in (("every", None), ("fashion_png", 6)):
+        for split, data in official.items():
+            n = None if per_class is None else per_class if split == "train" else per_class // 5
+            for label, name in enumerate(classes):
+                expected = np.flatnonzero(data.labels == label)[:n]
+                files = sorted((project.path / "data/images" / out / split / name.replace("/", "_")).iterdir())
+                assert [f.name for f in files] == [f"{i:05d}.png" for i in expected], (out, split, name)
+                for f, i in zip(files, expected):
+                    assert np.array_equal(np.asarray(Image.open(f)), data.images[i, 0]), f
