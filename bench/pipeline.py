@@ -90,8 +90,9 @@ def run_engine(name: str, seed: int, data: dict[str, Any], params: dict[str, Any
         nonlocal excluded
         t0 = time.perf_counter()
         elapsed = t0 - start - excluded  # training and validation so far, not these test passes
+        # As the evaluate stage tests it: flip-averaged where the model trained on flips.
         result = evaluate(model, *data["test"], loss_fn=test_loss, normalize=normalize,
-                          batch_size=cfg.eval_batch_size, precision="fp32")
+                          batch_size=cfg.eval_batch_size, precision="fp32", flip_average=plan.flip_average)
         excluded += time.perf_counter() - t0
         curve.append({"epoch": record.epoch, "seconds": round(elapsed, 2),
                       "train_images_per_s": round(record.train["images_per_s"]), "test_accuracy": result["accuracy"]})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fixtures import toy_images
 from imgclf import checkpoint
 from imgclf.config import Augment, CNNConfig, MLPConfig, TrainConfig
-from imgclf.engine import Plan, fit, make_loss, make_optimizer, make_schedule
+from imgclf.engine import Plan, fit, make_loss, make_optimizer, make_schedule, predict
 from imgclf.errors import DataError, TrainingError
 from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
 from imgclf.runtime import configure, resolve_device
@@ -195,3 +195,42 @@ def test_checkpoint_bytes_do_not_depend_on_when_or_where_saved(tmp_path):
     for path in (tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"):
         checkpoint.save(path, model, cfg=MLP_CFG, meta=meta, loss="nll", extra={})
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
+def test_a_model_trained_on_flips_is_judged_on_both_views_and_one_trained_without_on_one():
+    cfg = _train_cfg()
+    norm = Normalizer([0.2], [0.3])
+    assert Plan(cfg, norm, augment=SHIFT_AND_FLIP).flip_average
+    assert not Plan(cfg, norm, augment=Augment(shift=2, flip=False)).flip_average  # digits
+    assert not Plan(cfg, norm, augment=None).flip_average  # train.augment false
+    torch.manual_seed(0)
+    model = build_model(CNN_CFG, (1, 28, 28), 10, log_probs=False).eval()
+    pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    x = (pixels.float() / 255 - 0.5) / 0.25
+    expected = (torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1)) / 2
+    with torch.inference_mode():
+        averaged = Classifier(model, [0.5], [0.25], flip_average=True)(pixels)
+        plain = Classifier(model, [0.5], [0.25])(pixels)
+        # What the evaluate stage computes: the same probabilities, as log-probabilities.
+        logged = predict(model, pixels, normalize=Normalizer([0.5], [0.25]), batch_size=3, precision="fp32",
+                         flip_average=True)
+    assert torch.allclose(averaged, expected, atol=1e-6) and not torch.allclose(averaged, plain, atol=1e-4)
+    assert torch.allclose(logged.exp(), expected, atol=1e-6)
+    assert torch.allclose(averaged.sum(1), torch.ones(4), atol=1e-6)
+    # A mirror-symmetric image gets what one view gives.
+    symmetric = torch.cat([pixels[..., :14], pixels[..., :14].flip(-1)], dim=-1)
+    with torch.inference_mode():
+        assert torch.allclose(Classifier(model, [0.5], [0.25], flip_average=True)(symmetric),
+                              Classifier(model, [0.5], [0.25])(symmetric), atol=1e-6)
+
+
+def test_the_checkpoint_says_whether_its_model_is_flip_averaged(tmp_path):
+    model = build_model(CNN_CFG, (1, 28, 28), 10, log_probs=False)
+    meta = {"shape": [1, 28, 28], "classes": [str(i) for i in range(10)], "mean": [0.3], "std": [0.3]}
+    path = tmp_path / "model.pt"
+    for extra, expected in (({"flip_average": True}, True), ({}, False)):  # absent: saved before it existed
+        checkpoint.save(path, model, cfg=CNN_CFG, meta=meta, loss="cross_entropy", extra=extra)
+        assert Classifier.from_checkpoint(*checkpoint.load(path)).flip_average is expected
+    checkpoint.save(path, model, cfg=CNN_CFG, meta=meta, loss="cross_entropy", extra={"flip_average": "yes"})
+    with pytest.raises(DataError, match=r"not a usable checkpoint \(flip_average is not true or false\)"):
+        checkpoint.load(path)

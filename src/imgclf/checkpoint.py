@@ -72,6 +72,8 @@ def _unusable(state: dict[str, Any]) -> str | None:
             return f"{key} is not {shape[0]} finite numbers"
     if not all(s > 0 for s in state["std"]):
         return "std has a value that is not positive"
+    if not isinstance(state.get("flip_average", False), bool):  # absent in checkpoints from before it
+        return "flip_average is not true or false"
     return None
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from imgclf.config import Augment, TrainConfig
 from imgclf.errors import TrainingError
+from imgclf.models import flip_averaged_log_probs
 from imgclf.runtime import autocast
 from imgclf.transforms import Normalizer, apply_moves, draw_moves
 
@@ -79,6 +80,12 @@ class Plan:
     augment: Augment | None = None  # None: no augmentation (train.augment false)
     shard: Shard = Shard()
     validate: bool = True  # only the process that writes outputs validates
+
+    @property
+    def flip_average(self) -> bool:
+        """A model trained on mirrored images is validated, tested and served on both views
+        (imgclf.models.flip_averaged_log_probs); one trained without flips sees each image once."""
+        return self.augment is not None and self.augment.flip
 
 
 @dataclass
@@ -184,24 +191,29 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, images: torch.Tensor, *, normalize: Normalizer, batch_size: int, precision: str
+    model: nn.Module, images: torch.Tensor, *, normalize: Normalizer, batch_size: int, precision: str,
+    flip_average: bool = False,
 ) -> torch.Tensor:
-    """Model outputs (logits or log-probs, float32) for every image, in order."""
+    """Model outputs (logits or log-probs, float32) for every image, in order; with
+    `flip_average`, the log-probabilities averaged over each image and its mirror image."""
     model.eval()
     device = next(model.parameters()).device
     outs = []
     for first in range(0, len(images), batch_size):
+        x = normalize(images[first : first + batch_size].to(device))
         with autocast(precision, device.type):
-            outs.append(model(normalize(images[first : first + batch_size].to(device))).float())
+            outs.append(flip_averaged_log_probs(model, x) if flip_average else model(x).float())
     return torch.cat(outs) if outs else torch.empty(0, device=device)
 
 
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-    loss_fn: LossFn, normalize: Normalizer, batch_size: int, precision: str,
+    loss_fn: LossFn, normalize: Normalizer, batch_size: int, precision: str, flip_average: bool = False,
 ) -> dict[str, float]:
-    """Mean loss (unsmoothed) and accuracy over a whole split."""
-    out = predict(model, images, normalize=normalize, batch_size=batch_size, precision=precision)
+    """Mean loss (unsmoothed) and accuracy over a whole split. Either loss of log-probabilities
+    is their negative log-likelihood (log_softmax leaves log-probabilities as they are)."""
+    out = predict(model, images, normalize=normalize, batch_size=batch_size, precision=precision,
+                  flip_average=flip_average)
     labels = labels.to(out.device)
     return {"loss": float(loss_fn(out, labels)), "accuracy": float((out.argmax(1) == labels).double().mean())}
 
@@ -245,7 +257,8 @@ def fit(
             continue
         # The plain module, not the DDP wrapper: validation runs in this process alone.
         val_metrics = evaluate(model, *val, loss_fn=val_loss_fn, normalize=plan.normalize,
-                               batch_size=cfg.eval_batch_size, precision=plan.precision)
+                               batch_size=cfg.eval_batch_size, precision=plan.precision,
+                               flip_average=plan.flip_average)
         record = EpochRecord(epoch, lr, train_metrics, val_metrics, improved=val_metrics["loss"] < best)
         if record.improved:
             best = val_metrics["loss"]

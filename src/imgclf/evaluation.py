@@ -19,7 +19,6 @@ from imgclf.engine import make_loss, predict
 from imgclf.models import Classifier
 from imgclf.runlog import Servable, input_example
 from imgclf.schema import PREDICTION_COLUMNS
-from imgclf.transforms import Normalizer
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -100,10 +99,11 @@ def evaluate_checkpoint(path: Path, arch: MLPConfig | CNNConfig, processed_dir: 
     test = load_split(processed_dir, "test", meta)
     x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     # fp32 for the reported figures, whatever precision training used.
-    outputs = predict(model, x, normalize=Normalizer(state["mean"], state["std"]), batch_size=cfg.batch_size,
-                      precision="fp32")
+    classifier = Classifier.from_checkpoint(model, state)
+    outputs = predict(model, x, normalize=classifier.normalize, batch_size=cfg.batch_size, precision="fp32",
+                      flip_average=classifier.flip_average)
     loss = float(make_loss(state["loss"])(outputs, y))
     result = summarize(outputs, y, loss, state["classes"], cfg.top_misclassified)
-    servable = Servable(Classifier(model, state["mean"], state["std"]), input_example(test.images), src_dir,
+    servable = Servable(classifier, input_example(test.images), src_dir,
                         state["classes"], state.get("resize"))
     return Evaluation(result, test.labels, list(state["classes"]), servable), meta

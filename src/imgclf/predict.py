@@ -156,7 +156,7 @@ def from_checkpoint(path: Path) -> Predictor:
         what = "is a directory" if path.is_dir() else "does not exist"
         raise DataError(f"--model {path}: {what} (give a checkpoint file such as models/cnn/model.pt)")
     model, state = checkpoint.load(path)
-    classifier = Classifier(model, state["mean"], state["std"]).eval()
+    classifier = Classifier.from_checkpoint(model, state).eval()
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -79,19 +79,21 @@ class BestCheckpoint:
     """on_improve for `fit`: saved at every improvement, so an interrupted run still leaves its
     best model so far."""
 
-    def __init__(self, path: Path, model: nn.Module, arch: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str):
+    def __init__(self, path: Path, model: nn.Module, arch: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str,
+                 flip_average: bool):
         self.path, self.model, self.arch, self.meta, self.loss = path, model, arch, meta, loss
+        self.flip_average = flip_average
         self.record: EpochRecord | None = None
 
     def __call__(self, record: EpochRecord) -> None:
         self.record = record
         checkpoint.save(self.path, self.model, cfg=self.arch, meta=self.meta, loss=self.loss,
-                        extra={"epoch": record.epoch, "val_loss": record.val["loss"]})
+                        extra={"epoch": record.epoch, "val_loss": record.val["loss"], "flip_average": self.flip_average})
 
     def servable(self, example_images: Any, src_dir: Path) -> runlog.Servable:
         """The saved best model as MLflow logs it (reloaded: the live model is the last epoch's)."""
         model, state = checkpoint.load(self.path, self.arch)
-        return runlog.Servable(Classifier(model, state["mean"], state["std"]), runlog.input_example(example_images),
+        return runlog.Servable(Classifier.from_checkpoint(model, state), runlog.input_example(example_images),
                                src_dir, self.meta["classes"], self.meta.get("resize"))
 
 
@@ -131,7 +133,7 @@ def train_model(
     log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step", name,
              arch.arch.upper(), facts["model.parameters"], facts["train.device_used"], plan.precision, threads,
              ctx.world_size, facts["train.batch_per_process"])
-    best = BestCheckpoint(checkpoint_path, model, arch, meta, cfg.loss)
+    best = BestCheckpoint(checkpoint_path, model, arch, meta, cfg.loss, plan.flip_average)
     params = {**runlog.flatten("train", cfg.model_dump()), **runlog.flatten("model", arch.model_dump(exclude={"train"})),
               **runlog.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}), **facts}
     with runlog.training_run(experiment_id, name, params, meta):
@@ -153,6 +155,8 @@ def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Conte
         # batch_size is the global batch: world_size processes x batch_per_process images.
         "train.world_size": ctx.world_size, "train.batch_per_process": plan.cfg.batch_size // ctx.world_size,
         "train.effective_batch": plan.cfg.batch_size,
+        # Derived from train.augment and the data set's flips (imgclf.engine.Plan.flip_average).
+        "train.flip_average": plan.flip_average,
     }
 
 
