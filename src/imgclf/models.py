@@ -141,7 +141,7 @@ def flip_averaged_log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     For a model trained on randomly mirrored images (the data set's flips keep the class),
     both views are equally valid inputs, and averaging their predictions is test-time
     augmentation at the cost of a second forward pass. Measured for `cnn` on Fashion-MNIST
-    (params.yaml, models.cnn): +0.3 to +0.4 points of test accuracy after every late epoch.
+    (params.yaml, models.cnn), seeds 0-2: +0.2 to +0.4 points of test accuracy after 9 epochs.
     """
     both = torch.stack([torch.log_softmax(model(x).float(), dim=1),
                         torch.log_softmax(model(x.flip(-1)).float(), dim=1)])
