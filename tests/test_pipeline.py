@@ -10,6 +10,7 @@ import yaml
 
 from fixtures import TINY, git, set_params, tiny_project
 
+from imgclf import checkpoint
 from imgclf.dvcfiles import stages_in
 
 pytestmark = pytest.mark.slow
@@ -72,6 +73,10 @@ def test_mlflow_runs_carry_params_epochs_test_metrics_model_and_provenance(proje
         assert len(matching) == 1, name
         run = matching[0]
         assert run.data.params["train.lr"] == "0.05"
+        # The CNN trains on flips (Fashion-MNIST's mirror images keep the class), so it is
+        # validated, tested and served on both views; the MLP trains without augmentation.
+        assert run.data.params["train.flip_average"] == str(name == "cnn")
+        assert checkpoint.load(project.path / f"models/{name}/model.pt")[1]["flip_average"] is (name == "cnn")
         assert run.data.tags["git_commit"] == git(project.path, "rev-parse", "HEAD")
         assert run.data.tags["data_version"] == data_md5
         assert run.data.tags["dvc_stage"] == f"train@{name}"
