@@ -62,7 +62,8 @@ pull: venv
 # Test files run in parallel, one file per worker at a time, longest first (tests/conftest.py;
 # module fixtures such as a trained tiny project are shared within a file). One worker per CPU:
 # the suite is CPU-bound (a third worker on 2 cores made it slower: 1,050 s of pytest against
-# 823 s on a fresh clone, 2026-12-01), most of
+# 823 s on a fresh clone, 2026-12-01; no faster once each test trains with one thread: 574
+# against 570 s, AVX2 kernels forced on a Zen 5, 2026-12-02), most of
 # it process start-up (torch, MLflow) in the tiny pipelines' stages, not compute.
 TEST_WORKERS ?= auto
 test: venv data-source

@@ -7,7 +7,8 @@ achieved GFLOP/s next to this machine's measured matrix-multiply peaks; a side-b
 baseline of the classic per-sample DataLoader pipeline on the same model; the usual PyTorch
 example recipe (pytorch/examples mnist) trained until the CNN target, and how many times
 sooner each CNN gets there; and the wall time of `dvc repro` with nothing to do and after
-one training param changes. The machine's CPU model and vector features are recorded.
+one training param changes. The machine's CPU model and vector features are recorded, with
+the kernels PyTorch used (AVX2 where ATEN_CPU_CAPABILITY forces it on a newer CPU).
 
 Test accuracy is measured after every epoch here only to time the targets; the pipeline
 itself never looks at the test split before its evaluate stage.
@@ -316,9 +317,17 @@ def cpu_features() -> dict[str, Any]:
     return {"model": model, "features": [f for f in wanted if f in flags]}
 
 
+def kernel_info() -> dict[str, str]:
+    """The vector kernels PyTorch dispatches to: the CPU's features cap them, and so do
+    ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, which measure an AVX2-only CPU's path on a newer
+    one. The CPU's features alone would label such figures AVX-512."""
+    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return {"aten": torch.backends.cpu.get_cpu_capability(), **forced}
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     return {
-        "processor": describe_machine(), "cpu": cpu_features(), "threads": threads,
+        "processor": describe_machine(), "cpu": cpu_features(), "kernels": kernel_info(), "threads": threads,
         "torch": torch.__version__, "bf16_native": bf16_supported(),
         "matmul_gflops_fp32": round(matmul_peak(torch.float32), 1),
         # Without native bf16 the product is emulated (about 0.3 GFLOP/s on an AVX2 CPU): minutes

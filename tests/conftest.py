@@ -22,11 +22,11 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (pyproject.toml: --no-loadscope-reorder, or xdist starts the files with the fewest tests,
 # the long end-to-end ones here, last). So the longest files go first, and no long file
 # starts near the end while the other worker runs out of work. Longest first as measured with
-# `pytest --durations=0` (2026-12-01: 60-270 s each); the other files follow in name order.
+# `pytest --durations=0` (2026-12-02, AVX2 kernels: 34-161 s each); the other files follow in name order.
 LONGEST_FIRST = (
-    "test_pipeline.py", "test_tracking_server.py", "test_team.py", "test_registry.py",
-    "test_image_folder_workflow.py", "test_real_data.py", "test_mlflow_ui.py", "test_s3.py",
-    "test_interrupt.py", "test_distributed.py", "test_more_datasets.py",
+    "test_team.py", "test_tracking_server.py", "test_pipeline.py", "test_registry.py",
+    "test_image_folder_workflow.py", "test_s3.py", "test_mlflow_ui.py", "test_interrupt.py",
+    "test_real_data.py", "test_distributed.py", "test_more_datasets.py",
 )
 
 
