@@ -89,7 +89,8 @@ mlflow-user: venv
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Speed and accuracy figures on the real data (about 15 minutes on 2 cores); see README.
+# Speed and accuracy figures on the real data (15 to 22 minutes on 2 cores with native bf16,
+# longer on AVX2-only CPUs); see README, "Benchmark".
 bench: venv data-source
 	dvc repro preprocess
 	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
