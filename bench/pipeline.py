@@ -7,8 +7,9 @@ achieved GFLOP/s next to this machine's measured matrix-multiply peaks; a side-b
 baseline of the classic per-sample DataLoader pipeline on the same model; the usual PyTorch
 example recipe (pytorch/examples mnist) trained until the CNN target, and how many times
 sooner each CNN gets there; and the wall time of `dvc repro` with nothing to do and after
-one training param changes (with --whole-pipeline, first the whole `dvc repro -f`). The machine's CPU model and vector features are recorded, with
-the kernels PyTorch used (AVX2 where ATEN_CPU_CAPABILITY forces it on a newer CPU).
+one training param changes (with --whole-pipeline, first the whole `dvc repro -f`). The
+machine's CPU model and vector features are recorded, with the kernels PyTorch used (AVX2
+where ATEN_CPU_CAPABILITY forces it on a newer CPU).
 
 Test accuracy is measured after every epoch here only to time the targets; the pipeline
 itself never looks at the test split before its evaluate stage.

@@ -2,9 +2,12 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/pipeline.py is a tool, not a package module: load it by path, as `make bench` runs it.
@@ -24,6 +27,7 @@ def _kernels(**forced: str) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 kernels exist only on x86-64")
 def test_forced_avx2_kernels_are_recorded_as_avx2_and_as_forced():
     forced = _kernels(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     assert forced["kernels"] == {"aten": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -33,4 +37,5 @@ def test_forced_avx2_kernels_are_recorded_as_avx2_and_as_forced():
 def test_unforced_kernels_are_the_cpus_own_and_name_no_override():
     own = _kernels()["kernels"]
     assert set(own) == {"aten"}
-    assert own["aten"] in {"DEFAULT", "NO AVX", "AVX2", "AVX512", "Z VECTOR", "VSX", "SVE256"}, own  # torch.backends.cpu.get_cpu_capability's values
+    # The values torch.backends.cpu.get_cpu_capability documents.
+    assert own["aten"] in {"DEFAULT", "NO AVX", "AVX2", "AVX512", "Z VECTOR", "VSX", "SVE256"}, own
