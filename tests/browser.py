@@ -10,6 +10,7 @@ packages are installed; otherwise `BrowserUnavailable` says what to install.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -57,8 +58,23 @@ def ensure_chromium() -> tuple[Path, Path]:
     return CHROMIUM, CHROMEDRIVER
 
 
-def start_chromium(profile_dir: Path, log_file: Path | None = None):
-    """A headless Chromium WebDriver with a fresh profile in `profile_dir`; the caller quits it."""
+def spki_pin(cert: Path) -> str:
+    """The flag that makes Chromium trust exactly this server certificate (its public key's
+    SHA-256), as a team member who trusts their own CA would, without touching the machine's
+    trust store. Chromium honours it only with --user-data-dir, which start_chromium sets."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"--ignore-certificate-errors-spki-list={base64.b64encode(hashlib.sha256(der).digest()).decode()}"
+
+
+def start_chromium(profile_dir: Path, log_file: Path | None = None, flags: tuple[str, ...] = ()):
+    """A headless Chromium WebDriver with a fresh profile in `profile_dir` and `flags` besides
+    the usual ones; the caller quits it."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -69,7 +85,7 @@ def start_chromium(profile_dir: Path, log_file: Path | None = None):
     os.environ["SE_AVOID_STATS"] = "true"
     options = webdriver.ChromeOptions()
     options.binary_location = str(browser)
-    for flag in FLAGS:
+    for flag in (*FLAGS, *flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile_dir}")
     service = Service(executable_path=str(driver), log_output=str(log_file) if log_file else subprocess.DEVNULL)

@@ -7,6 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from shared import https_team_server, queued_runs, served_project, served_run, tiny_pipeline  # noqa: E402, F401
+
 # Tests never phone home and never write to the developer's own MLflow store.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
@@ -22,20 +24,48 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (pyproject.toml: --no-loadscope-reorder, or xdist starts the files with the fewest tests,
 # the long end-to-end ones here, last). So the longest files go first, and no long file
 # starts near the end while the other worker runs out of work. Longest first as measured with
-# `pytest --durations=0` (2026-12-02, AVX2 kernels: 34-161 s each); the other files follow in name order.
+# `pytest --durations=0` (2026-12-02, AVX2 kernels: 34-161 s each; a pair below counts as one);
+# the other files follow in name order.
 LONGEST_FIRST = (
-    "test_team.py", "test_tracking_server.py", "test_pipeline.py", "test_registry.py",
-    "test_image_folder_workflow.py", "test_s3.py", "test_mlflow_ui.py", "test_interrupt.py",
+    "test_team.py", "test_pipeline.py", "test_tracking_server.py", "test_mlflow_ui.py", "test_registry.py",
+    "test_image_folder_workflow.py", "test_s3.py", "test_interrupt.py",
     "test_real_data.py", "test_distributed.py", "test_more_datasets.py",
 )
+# Files that share a session fixture (tests/shared.py) go to the same worker, so what they
+# share is built once: a pipeline run from scratch, or a team server with its runs. Session
+# fixtures are per worker; on two workers each would build its own, which is correct, only slower.
+SAME_WORKER = (
+    ("test_team.py", "test_pipeline.py"),  # tiny_pipeline
+    ("test_tracking_server.py", "test_mlflow_ui.py"),  # https_team_server, served_run, queued_runs
+)
+_PARTNER = {name: "+".join(pair) for pair in SAME_WORKER for name in pair}
 
 
 def pytest_collection_modifyitems(items):
-    missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).is_file()]
-    if missing:  # a renamed file would silently go last
-        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names no such file: {', '.join(missing)}")
+    here = Path(__file__).parent
+    missing = [name for name in {*LONGEST_FIRST, *_PARTNER} if not (here / name).is_file()]
+    if missing:  # a renamed file would silently go last, or to its own worker
+        raise pytest.UsageError(f"tests/conftest.py names no such test file: {', '.join(sorted(missing))}")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+# tryfirst: ahead of xdist's own implementation, which would answer first otherwise. optionalhook:
+# `pytest -p no:xdist` has no such hook.
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PairedFiles(LoadFileScheduling):
+        """--dist loadfile, with each SAME_WORKER pair one unit of work."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return _PARTNER.get(Path(path).name, path)
+
+    return PairedFiles(config, log)
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ class TeamServer:
     log: Path
     pg: PgServer
     ca: Path | None  # the CA that signed the server's certificate; None over plain HTTP
+    cert: Path | None  # the server's certificate; None over plain HTTP
     admin: tuple[str, str]
     proc: subprocess.Popen
     users: dict[str, str] = field(default_factory=dict)  # user name -> password
@@ -103,7 +104,7 @@ def start_team_server(pg: PgServer, work: Path, request, *, tls: bool, users: di
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     server = TeamServer(url=url, artifacts=work / "artifacts", log=log, pg=pg, ca=certs.ca if certs else None,
-                        admin=admin, proc=proc)
+                        cert=certs.cert if certs else None, admin=admin, proc=proc)
     request.addfinalizer(server.stop)
     context = ssl.create_default_context(cafile=str(server.ca)) if server.ca is not None else None
     wait_until_serving(proc, url, log, context=context)

@@ -1,13 +1,15 @@
 """Comparing runs in the MLflow UI, in a real browser.
 
-The team server (scripts/mlflow_server.sh, authenticated, on a throwaway PostgreSQL and a
-free loopback port) receives the runs of the tiny pipeline, run twice in one project as a user
-allowed to EDIT: once as committed (train.lr 0.05) and once as the DVC experiment `lr-004` with
-train.lr 0.04. Headless Chromium, logged in as a user allowed to READ, then opens the
-experiment page and the comparison page of the two CNN runs, as a person following README's
-"Comparing runs in MLflow" would, and checks what is on the screen. The comparison page's screenshot goes to the
-test's temporary folder; with IMGCLF_SCREENSHOT=docs/mlflow-compare.png set it also refreshes
-README's picture (tests never write into the checkout by default).
+The team server (scripts/mlflow_server.sh over HTTPS, authenticated, on a throwaway
+PostgreSQL and a free loopback port) holds the runs test_tracking_server.py made as a user
+allowed to EDIT (tests/shared.py): the tiny pipeline's CNN as committed (train.lr 0.05), then
+two queued DVC experiments with train.lr 0.03 and 0.04. Headless Chromium, trusting the
+server's certificate and logged in as a user allowed to READ, opens the experiment page and
+the comparison page of the committed run and the 0.04 experiment's, as a person following
+README's "Comparing runs in MLflow" would, and checks what is on the screen. The comparison
+page's screenshot goes to the test's temporary folder; with
+IMGCLF_SCREENSHOT=docs/mlflow-compare.png set it also refreshes README's picture (tests never
+write into the checkout by default).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import urllib.parse
 
 import pytest
 
-from browser import BrowserUnavailable, start_chromium
-from fixtures import ONE_MODEL, ROOT, tiny_project
-from teamserver import start_team_server
+from browser import BrowserUnavailable, spki_pin, start_chromium
+from fixtures import ROOT
 
 EXPERIMENT = "fashion-mnist-lesson"
 WAIT = 60  # seconds for the single-page app to show something; it usually takes one or two
@@ -49,12 +50,18 @@ return Array.from(document.querySelectorAll('div[style*="position: absolute"]'))
 """
 
 
+VIEWER = "reader"  # READ on the experiment (tests/shared.py)
+COMPARED = 0.04  # the queued experiment's train.lr compared with the committed run's
+
+
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Chromium; asked for first, so a machine without one skips before training."""
+def browser(https_team_server, tmp_path_factory):
+    """Headless Chromium trusting the team server's certificate, and no other one it cannot
+    verify (the throwaway CA is not in its trust store)."""
     work = tmp_path_factory.mktemp("chromium")
     try:
-        driver = start_chromium(work / "profile", log_file=work / "chromedriver.log")
+        driver = start_chromium(work / "profile", log_file=work / "chromedriver.log",
+                                flags=(spki_pin(https_team_server.cert),))
     except BrowserUnavailable as exc:
         # CI (and any root Debian machine) always runs it; elsewhere say what is missing.
         if os.environ.get("CI"):
@@ -65,37 +72,14 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def team_server(postgres, tmp_path_factory, request):
-    """The team server (plain HTTP: loopback only), with an editor and a viewer (READ)."""
-    return start_team_server(postgres, tmp_path_factory.mktemp("mlflow-server"), request, tls=False,
-                             users={"editor": "EDIT", "viewer": "READ"})
-
-
-@pytest.fixture(scope="module")
-def tracking_server(team_server):
-    return team_server.url
-
-
-@pytest.fixture(scope="module")
-def logged_in(browser, team_server):
+def logged_in(browser, https_team_server):
     """The browser, sending the viewer's credentials with every request (what a person types
     into the login dialog; headless Chromium has no dialog). Without them the server answers
     401 (tests/test_tracking_server.py)."""
-    token = base64.b64encode(f"viewer:{team_server.users['viewer']}".encode()).decode()
+    token = base64.b64encode(f"{VIEWER}:{https_team_server.users[VIEWER]}".encode()).decode()
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
     return browser
-
-
-@pytest.fixture(scope="module")
-def two_lrs(team_server, tmp_path_factory):
-    """The tiny pipeline as committed (train.lr 0.05), then `dvc exp run` with train.lr 0.04,
-    both logging to the team server as the editor. The CNN only: the comparison is of its two runs."""
-    with tiny_project(tmp_path_factory.mktemp("ui"), models=ONE_MODEL) as proj:
-        proj.env.update(team_server.env("editor"))
-        proj.repro()
-        proj.run("dvc", "exp", "run", "-n", "lr-004", "-S", "train.lr=0.04")
-    return proj
 
 
 def _page_text(driver) -> str:
@@ -131,27 +115,29 @@ def _row(rows: list[list[str]], label: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_compares_the_two_learning_rates(logged_in, two_lrs, team_server, tracking_server, tmp_path,
-                                                   monkeypatch):
+def test_mlflow_ui_compares_two_learning_rates(logged_in, queued_runs, https_team_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    browser = logged_in
-    for key, value in team_server.env("viewer").items():
+    browser, server = logged_in, https_team_server
+    for key, value in server.env(VIEWER).items():
         monkeypatch.setenv(key, value)
-    client = MlflowClient(tracking_uri=tracking_server)
+    client = MlflowClient(tracking_uri=server.url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.model_name = 'cnn'",
-                              order_by=["attributes.start_time ASC"])
-    assert [r.data.params["train.lr"] for r in runs] == ["0.05", "0.04"]
-    assert runs[1].data.tags["dvc_exp_name"] == "lr-004"
+    everything = client.search_runs([experiment.experiment_id])
+    (compared,) = [name for name, lr in queued_runs.experiments.items() if lr == pytest.approx(COMPARED)]
+    committed = [r for r in everything if r.info.run_id in queued_runs.before and r.data.tags["model_name"] == "cnn"]
+    queued = [r for r in everything if r.data.tags.get("dvc_exp_name") == compared]
+    assert len(committed) == len(queued) == 1, (committed, queued)
+    runs = [*committed, *queued]
+    assert [r.data.params["train.lr"] for r in runs] == ["0.05", str(COMPARED)]
     lr = {r.info.run_id: r.data.params["train.lr"] for r in runs}
     accuracy = {r.info.run_id: r.data.metrics["test/accuracy"] for r in runs}
 
-    # 1. The experiment's runs, as "Model training" (not the GenAI overview) shows them: both
-    #    runs, each linking to its own page.
-    browser.get(f"{tracking_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
-    _wait_for_text(browser, EXPERIMENT, "Run Name", "2 matching runs")
-    assert "viewer" in _page_text(browser).splitlines()  # the account menu: logged in as the viewer
+    # 1. The experiment's runs, as "Model training" (not the GenAI overview) shows them: all
+    #    of them, each linking to its own page.
+    browser.get(f"{server.url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+    _wait_for_text(browser, EXPERIMENT, "Run Name", f"{len(everything)} matching runs")
+    assert VIEWER in _page_text(browser).splitlines()  # the account menu: logged in as the viewer
     for run_id in lr:
         _wait_until(browser, f"a link to run {run_id}",
                     lambda d, run_id=run_id: d.find_elements("css selector", f'a[href*="{run_id}"]'))
@@ -160,7 +146,7 @@ def test_mlflow_ui_compares_the_two_learning_rates(logged_in, two_lrs, team_serv
     query = urllib.parse.urlencode(
         {"runs": json.dumps(list(lr)), "experiments": json.dumps([experiment.experiment_id])},
         quote_via=urllib.parse.quote)
-    browser.get(f"{tracking_server}/#/compare-runs?{query}")
+    browser.get(f"{server.url}/#/compare-runs?{query}")
     _wait_for_text(browser, "Comparing 2 Runs from 1 Experiment", "Run ID:", "Parameters", "Metrics",
                    "train.lr", "test/accuracy", *lr)
     rows = browser.execute_script(TABLE_ROWS_JS)

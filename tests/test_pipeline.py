@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from fixtures import TINY, git, set_params, tiny_project
+from fixtures import TINY, git, set_params
 
 from imgclf import checkpoint
 from imgclf.dvcfiles import stages_in
@@ -16,10 +16,10 @@ from imgclf.dvcfiles import stages_in
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    with tiny_project(tmp_path_factory.mktemp("e2e")) as proj:
-        proj.first_run = proj.repro()
-        yield proj
+def project(tiny_pipeline):
+    """The tiny pipeline run once from scratch (tests/shared.py; test_team.py compares its own
+    run with this one's first outputs)."""
+    return tiny_pipeline
 
 
 def _stage_names():

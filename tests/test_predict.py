@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from fixtures import BIN, ROOT
-from imgclf import checkpoint, cli, predict, registry, runlog, tracking
+from imgclf import checkpoint, cli, predict, registry, runlog
 from imgclf.config import CNNConfig
 from imgclf.models import Classifier, build_model
 

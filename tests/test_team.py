@@ -2,7 +2,8 @@
 data, models and run cache through a DVC remote (a local directory and a real SSH server).
 
 One tiny pipeline is trained once per module (`trained`, ~30 s); every test that changes
-something works on its own copy of it, so the tests do not depend on their order.
+something works on its own copy of it, so the tests do not depend on their order. The second
+from-scratch run the reproducibility test needs is test_pipeline.py's (tests/shared.py).
 docs/team.md describes the workflow these tests exercise, with DVC's messages.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import ROOT, TINY, Project, make_project, set_params, tiny_project
+from fixtures import ROOT, TINY, Project, set_params, tiny_project
 from remotes import (UP_TO_DATE, Published, check_teammate_is_ready, commit_all, copy_project, lock_outs,
                      output, publish, teammate)
 from sshd import SSHDUnavailable, start_sshd
@@ -58,17 +59,17 @@ def trained(tmp_path_factory):
 
 # 1. Exact reproducibility ---------------------------------------------------------------
 
-def test_two_runs_from_scratch_record_identical_output_hashes(trained, tmp_path):
-    second = make_project(tmp_path, trained.tiny)  # its own copy, cache and MLflow store
-    assert second.repro() == ALL_STAGES
-    first_outs, second_outs = lock_outs(trained.path), lock_outs(second.path)
+def test_two_runs_from_scratch_record_identical_output_hashes(trained, tiny_pipeline):
+    # The other run: test_pipeline.py's project (tests/shared.py), its own copy, cache and
+    # MLflow store, as its first `dvc repro` left it; only the loopback mirror's URL differs.
+    assert tiny_pipeline.first_run == ALL_STAGES
+    first_outs, second_outs = lock_outs(trained.path), tiny_pipeline.first_outs
     assert set(first_outs) == set(second_outs)
     assert VARY_BY_DESIGN <= set(first_outs)
     assert len(first_outs) >= 20  # every stage's outs, not a handful
-    for path in (trained.path, second.path):  # same thread count, as the claim requires
-        for model in MODELS:
-            timing = json.loads((path / f"metrics/{model}/timing.json").read_text())
-            assert timing["threads"] == TINY["train"]["threads"]
+    # The same thread count in both, as the claim requires.
+    trained_threads = {m: json.loads((trained.path / f"metrics/{m}/timing.json").read_text())["threads"] for m in MODELS}
+    assert trained_threads == tiny_pipeline.first_threads == {m: TINY["train"]["threads"] for m in MODELS}
     differing = sorted(p for p in first_outs if p not in VARY_BY_DESIGN and first_outs[p] != second_outs[p])
     assert not differing, "outputs differ between two from-scratch runs with the same params and threads:\n" + \
         "\n".join(f"  {p}: {first_outs[p]} != {second_outs[p]}" for p in differing)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from dvcqueue import check_experiment_runs, run_queued
-from fixtures import BIN, ONE_MODEL, ROOT, TINY, tiny_project
+from dvcqueue import check_experiment_runs
+from fixtures import BIN, ROOT, TINY
 from imgclf import tracking
 from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
 from pgserver import SUPERUSER, free_port
-from teamserver import SCRIPT, TeamServer, new_secret, script_env, start_team_server
+from teamserver import SCRIPT, TeamServer, new_secret, script_env
 EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
 
@@ -134,19 +134,16 @@ def test_server_script_refuses_an_unsafe_setup_in_one_line(fake_mlflow, env, mes
 
 
 @pytest.fixture(scope="module")
-def server(postgres, tmp_path_factory, request):
+def server(https_team_server):
     """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
-    editor (EDIT) and a reader (READ), added the way `make mlflow-user` adds them."""
-    return start_team_server(postgres, tmp_path_factory.mktemp("server"), request, tls=True,
-                             users={"editor": "EDIT", "reader": "READ"})
+    editor (EDIT) and a reader (READ). Shared with test_mlflow_ui.py (tests/shared.py)."""
+    return https_team_server
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A tiny project whose data is downloaded and split, nothing trained yet."""
-    with tiny_project(tmp_path_factory.mktemp("served"), models=ONE_MODEL) as proj:
-        proj.run("dvc", "repro", "preprocess")
-        yield proj
+def prepared(served_project):
+    """A tiny project whose data is downloaded and split, nothing trained yet (until `served_run`)."""
+    return served_project
 
 
 def _train_refused(prepared, env: dict[str, str]) -> str:
@@ -241,14 +238,6 @@ def test_a_foreign_host_header_is_refused(server):
     assert status == 403 and b"DNS rebinding" in body
     for name in ("127.0.0.1", "localhost"):
         assert _request(server, SEARCH, editor, host=f"{name}:{port}")[0] == 200
-
-
-@pytest.fixture(scope="module")
-def served_run(prepared, server):
-    """The whole tiny pipeline, logging to the team server as the editor."""
-    prepared.env.update(server.env("editor"))
-    prepared.ran = prepared.repro()
-    return prepared
 
 
 @pytest.fixture(scope="module")
@@ -373,21 +362,19 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
 
 
 @pytest.mark.slow
-def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(served_run, server, client):
-    """Two queued experiments run at once (`dvc queue start -j 2`), both logging to the team
-    server: each leaves complete runs, and the server's registry gets both cnn versions.
-    Last in this module: the tests above count the runs of the first pipeline execution."""
+def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(queued_runs, served_run, server, client):
+    """Two queued experiments run at once (`dvc queue start -j 2`, tests/shared.py), both
+    logging to the team server: each leaves complete runs, and the server's registry gets both
+    cnn versions. Last in this module: the tests above count the runs of the first pipeline
+    execution (test_mlflow_ui.py, which also reads these runs, comes after this file)."""
     import psycopg2
 
-    served_run.run("git", "add", "-A")
-    served_run.run("git", "commit", "-qm", "tiny pipeline trained against the server")
-    before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
-    experiments = run_queued(served_run, ("0.03", "0.04"))
+    experiments = queued_runs.experiments
     check_experiment_runs(client, experiments, served_run.models, REGISTERED, ACCURACY_TAG)
     # Nothing went to a local store instead: no SQLite file in the project or its temp copies.
     assert not list(served_run.path.rglob("mlflow.db"))
     with psycopg2.connect(server.pg.uri) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == len(before) + len(served_run.models) * len(experiments)
+        assert cur.fetchone()[0] == len(queued_runs.before) + len(served_run.models) * len(experiments)
         cur.execute("SELECT version FROM model_versions WHERE name = %s ORDER BY version", (REGISTERED,))
         assert [v for (v,) in cur.fetchall()] == [1, 2, 3]
