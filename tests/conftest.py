@@ -24,16 +24,21 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (pyproject.toml: --no-loadscope-reorder, or xdist starts the files with the fewest tests,
 # the long end-to-end ones here, last). So the longest files go first, and no long file
 # starts near the end while the other worker runs out of work. Longest first as measured with
-# `pytest --durations=0` (2026-12-02, AVX2 kernels: 34-161 s each; a pair below counts as one);
-# the other files follow in name order.
+# `pytest --durations=0` (2026-12-03, Zen 3: 50-320 s each; a pair below counts as one),
+# except test_real_data.py: a worker runs a test only once it holds the next one (for
+# teardown), so a file of one test always takes the next file along, and the one-test file
+# goes last to take a short one (simulated from those durations: 725 s of pytest against
+# 750 s with it in its place). The other files follow in name order.
 LONGEST_FIRST = (
-    "test_team.py", "test_pipeline.py", "test_tracking_server.py", "test_mlflow_ui.py", "test_registry.py",
-    "test_image_folder_workflow.py", "test_s3.py", "test_interrupt.py",
-    "test_real_data.py", "test_distributed.py", "test_more_datasets.py",
+    "test_team.py", "test_pipeline.py", "test_tracking_server.py", "test_mlflow_ui.py",
+    "test_image_folder_workflow.py", "test_registry.py", "test_s3.py", "test_interrupt.py", "test_distributed.py",
+    "test_more_datasets.py", "test_real_data.py",
 )
 # Files that share a session fixture (tests/shared.py) go to the same worker, so what they
 # share is built once: a pipeline run from scratch, or a team server with its runs. Session
-# fixtures are per worker; on two workers each would build its own, which is correct, only slower.
+# fixtures are per worker; on two workers each would build its own, which is correct, only
+# slower. Each pair's files keep LONGEST_FIRST's order, which the shared fixtures rely on
+# (test_mlflow_ui.py reads the queued runs test_tracking_server.py's last test makes).
 SAME_WORKER = (
     ("test_team.py", "test_pipeline.py"),  # tiny_pipeline
     ("test_tracking_server.py", "test_mlflow_ui.py"),  # https_team_server, served_run, queued_runs
@@ -47,6 +52,9 @@ def pytest_collection_modifyitems(items):
     if missing:  # a renamed file would silently go last, or to its own worker
         raise pytest.UsageError(f"tests/conftest.py names no such test file: {', '.join(sorted(missing))}")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    reversed_pairs = [pair for pair in SAME_WORKER if rank.get(pair[0], len(rank)) > rank.get(pair[1], len(rank))]
+    if reversed_pairs:
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST must list each SAME_WORKER pair in its order: {reversed_pairs}")
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
