@@ -185,7 +185,7 @@ def tiny_project(base: Path, extra=None, train_per_class: int = 30,
                  models: tuple[str, ...] = tuple(TINY["models"])) -> Iterator[Project]:
     """A copy of this repository set up for the tiny data set (TINY params for `models`, mirrors
     pointing at a loopback server that serves it while the block runs). `extra(params)` adjusts
-    further; the project's `tiny` attribute applies the same params to another copy."""
+    further."""
     mirror = base / "mirror"
     checksums = make_fashion_like(mirror, train_per_class=train_per_class)
     with serve_directory(mirror) as url:
@@ -198,9 +198,7 @@ def tiny_project(base: Path, extra=None, train_per_class: int = 30,
             if extra is not None:
                 extra(params)
 
-        project = make_project(base, tiny)
-        project.tiny = tiny
-        yield project
+        yield make_project(base, tiny)
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, *, what: str = "mlflow server",

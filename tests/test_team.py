@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     with tiny_project(tmp_path_factory.mktemp("team")) as proj:
         assert proj.repro() == ALL_STAGES
         commit_all(proj, "trained")
-        yield proj  # proj.tiny: the same params for a second project, while the mirror is served
+        yield proj
 
 
 # 1. Exact reproducibility ---------------------------------------------------------------
