@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -43,6 +44,20 @@ def wait_for_queue(project: Project, names: list[str], limit_s: float = 420) -> 
         time.sleep(3)
 
 
+def start_workers(project: Project, jobs: int) -> None:
+    """`dvc queue start -j jobs`, returning once the workers are started. Not Project.run: the
+    workers inherit the command's stdout and stderr, so capturing them through pipes would wait
+    until the workers exit, which their idle monitor makes them do ~15 s after the queue
+    empties (measured: 43 s for a queue whose runs had ended after 30)."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project.path, env=project.env,
+                              stdout=log, stderr=subprocess.STDOUT, text=True, timeout=120)
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, f"dvc queue start failed ({proc.returncode}):\n{output}"
+    assert f"Started '{jobs}' new experiments task queue workers" in output, output
+
+
 def failure_logs(project: Project, status: str) -> str:
     """The status table plus the output of every failed task, for the assertion message."""
     logs = [status]
@@ -62,7 +77,7 @@ def run_queued(project: Project, lrs: tuple[str, ...]) -> dict[str, float]:
         names += re.findall(r"Queued experiment '([^']+)' for future execution", out)
     assert len(names) == len(lrs), names
     try:
-        project.run("dvc", "queue", "start", "-j", "2")
+        start_workers(project, 2)
         status = wait_for_queue(project, names)
     finally:
         # Workers exit by themselves once the queue is empty; stop them if the wait gave up.

@@ -194,8 +194,9 @@ def _local_model_dir(uri: str) -> Path | None:
 
 
 def from_mlflow(uri: str) -> Predictor:
-    """A logged MLflow model. Unlike a checkpoint it is a pickle, which runs code when loaded:
-    load models only from stores you trust."""
+    """A logged MLflow model. Unlike a checkpoint it can run code when loaded (torch.export.load
+    unpickles its model.pt2, and its copy of src/ goes on sys.path): load models only from
+    stores you trust."""
     store = tracking.tracking_uri()
     if uri.startswith(STORE_SCHEMES):
         _check_store(store)
