@@ -80,7 +80,7 @@ def run_queued(project: Project, lrs: tuple[str, ...]) -> dict[str, float]:
         start_workers(project, 2)
         status = wait_for_queue(project, names)
     finally:
-        # Workers exit by themselves once the queue is empty; stop them if the wait gave up.
+        # Idle workers would linger ~15 s (start_workers); --kill also ends a task the wait gave up on.
         project.run("dvc", "queue", "stop", "--kill", check=False)
     assert "Failed" not in status, failure_logs(project, status)
     shown = json.loads(project.run("dvc", "exp", "show", "--json").stdout)
