@@ -11,13 +11,14 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 FMNIST_LOCAL := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help venv data-source repro pull test test-fast bench bench-scale mlflow-ui mlflow-server mlflow-user clean
+.PHONY: help venv data-source repro pull lint test test-fast bench bench-scale mlflow-ui mlflow-server mlflow-user clean
 
 help:
 	@echo "make repro      set up .venv and run the whole pipeline (dvc repro)"
 	@echo "make pull       set up .venv and fetch data, models and run cache from the DVC remote"
 	@echo "make test       set up .venv and run the whole test suite"
 	@echo "make test-fast  the tests not marked slow"
+	@echo "make lint       ruff check (the rules in pyproject.toml)"
 	@echo "make mlflow-ui  browse the runs at http://127.0.0.1:5000"
 	@echo "make mlflow-server  the team tracking server (set MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY; see docs/mlflow.md)"
 	@echo "make mlflow-user MLFLOW_USER=alice PERMISSION=EDIT  add a user to the team server (an admin's MLFLOW_TRACKING_* set)"
@@ -66,6 +67,9 @@ pull: venv
 # against 570 s, AVX2 kernels forced on a Zen 5, 2026-12-02), most of
 # it process start-up (torch, MLflow) in the tiny pipelines' stages, not compute.
 TEST_WORKERS ?= auto
+lint: venv
+	$(BIN)/ruff check .
+
 test: venv data-source
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 

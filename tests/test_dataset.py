@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from fixtures import save_processed
-
 from imgclf.data.dataset import Split, channel_stats, load_meta, load_split, stratified_split
 from imgclf.errors import DataError
 

@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fixtures import ROOT, set_params, tiny_project, toy_images
-from pgserver import free_port
 from imgclf import distributed
 from imgclf.config import Augment, MLPConfig, TrainConfig
 from imgclf.engine import Plan, Shard, fit
@@ -28,6 +27,7 @@ from imgclf.models import build_model
 from imgclf.runtime import resolve_device
 from imgclf.tracking import file_sha256
 from imgclf.transforms import Normalizer
+from pgserver import free_port
 
 PYTHON = sys.executable
 

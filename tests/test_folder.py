@@ -391,7 +391,6 @@ def test_the_sample_tool_writes_official_images_into_class_folders(tmp_path):
     and N/5 test images of each class (every image with --all), the raw files' pixels in PNG
     files named by their position, and an existing folder refused rather than overwritten."""
     from fixtures import tiny_project
-
     from imgclf.data.raw import load_raw
 
     with tiny_project(tmp_path) as project:  # 30 training and 10 test images per class

@@ -27,9 +27,8 @@ import yaml
 from PIL import Image
 
 from fixtures import ONE_MODEL, TINY, Project, git, make_project, set_params
-
-from imgclf.dvcfiles import stages_in
 from imgclf.data.folder import split_of
+from imgclf.dvcfiles import stages_in
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from fixtures import TINY, git, set_params
-
 from imgclf import checkpoint
 from imgclf.dvcfiles import stages_in
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from fixtures import make_project, set_params
-
 from imgclf.dvcfiles import stages_in
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,9 @@ import pytest
 
 from fixtures import ONE_MODEL, tiny_project
 from pgserver import free_port
-from teamserver import start_team_server
 from remotes import check_teammate_is_ready, commit_all, lock_outs, output, publish, teammate
 from s3server import start_s3_server
+from teamserver import start_team_server
 
 pytestmark = pytest.mark.slow
 

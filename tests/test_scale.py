@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from fixtures import save_processed
-
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import idx
 from imgclf.data.dataset import SPLITS, Split, channel_stats, load_meta, load_split, stratified_split

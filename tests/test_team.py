@@ -19,11 +19,19 @@ import pytest
 import yaml
 
 from fixtures import ROOT, TINY, Project, set_params, tiny_project
-from remotes import (UP_TO_DATE, Published, check_teammate_is_ready, commit_all, copy_project, lock_outs,
-                     output, publish, teammate)
-from sshd import SSHDUnavailable, start_sshd
-
 from imgclf.dvcfiles import stages_in
+from remotes import (
+    UP_TO_DATE,
+    Published,
+    check_teammate_is_ready,
+    commit_all,
+    copy_project,
+    lock_outs,
+    output,
+    publish,
+    teammate,
+)
+from sshd import SSHDUnavailable, start_sshd
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fixtures import save_processed
-
 from imgclf import distributed, runlog, tracking, training
 from imgclf.config import MLPConfig, TrainConfig
 from imgclf.data.dataset import Split

@@ -27,6 +27,7 @@ from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
 from pgserver import SUPERUSER, free_port
 from teamserver import SCRIPT, TeamServer, new_secret, script_env
+
 EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
 

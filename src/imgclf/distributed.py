@@ -47,8 +47,8 @@ from torch import nn
 
 from imgclf.config import TrainConfig
 from imgclf.engine import Shard
-from imgclf.runtime import deterministic_cuda_env, pick_threads, resolve_device
 from imgclf.errors import ConfigError, TrainingError
+from imgclf.runtime import deterministic_cuda_env, pick_threads, resolve_device
 
 log = logging.getLogger(__name__)
 
