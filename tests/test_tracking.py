@@ -84,3 +84,57 @@ def test_unreachable_server_message_masks_a_password():
     with pytest.raises(TrackingError) as info:
         tracking.check_reachable(uri)
     assert "alice:***@127.0.0.1:9" in str(info.value) and f"{secret}w0rd" not in str(info.value)
+
+
+def test_the_experiment_is_created_or_marked_as_model_training(store):
+    """MLflow 3's UI opens an unmarked experiment as a GenAI one; ours must open on its runs."""
+    from mlflow import MlflowClient
+
+    experiment_id = tracking.setup("t")
+    client = MlflowClient()
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    bare = client.create_experiment("made-by-hand")  # e.g. by a teammate in the UI
+    assert "mlflow.experimentKind" not in client.get_experiment(bare).tags
+    assert tracking.setup("made-by-hand") == bare
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_evaluation_and_report_leave_the_training_runs_duration_alone(store, tmp_path):
+    """Evaluate and report add to the finished training run without reopening it: the run's
+    duration in the UI stays the training's, not training plus everything after it."""
+    import time
+
+    import mlflow
+
+    experiment_id = tracking.setup("t")
+    model = build_model(MLPConfig(arch="mlp", hidden=[8]), (1, 8, 8), 4, log_probs=False)
+    servable = runlog.Servable(Classifier(model, [0.2], [0.3]), np.zeros((2, 1, 8, 8), dtype=np.uint8),
+                               tmp_path / "src", CLASSES)
+    servable.src_dir.mkdir()
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.set_tag("model_sha256", tracking.file_sha256(checkpoint))
+        servable.log()
+    client = mlflow.MlflowClient()
+    trained = client.get_run(run.info.run_id).info
+    time.sleep(0.05)  # the clock moves on: a reopened run would end later than it did
+
+    files = [tmp_path / "confusion.json"]
+    files[0].write_text("{}")
+    metrics = {"test/loss": 0.5, "test/accuracy": 0.75, "test/per_class_accuracy": dict.fromkeys(CLASSES, 0.75)}
+    meta = {"dataset": "tiny", "classes": CLASSES}
+    assert runlog.log_evaluation(experiment_id, "tiny", checkpoint, servable, meta, metrics, files) == run.info.run_id
+    reports = tmp_path / "reports"
+    (reports / "figures").mkdir(parents=True)
+    for name in ("report.html", "report.md", "figures/curves.png"):
+        (reports / name).write_text(name)
+    runlog.attach_report({"tiny": client.get_run(run.info.run_id)}, reports)
+
+    after = client.get_run(run.info.run_id)
+    assert (after.info.status, after.info.start_time, after.info.end_time) == \
+        ("FINISHED", trained.start_time, trained.end_time)
+    assert after.data.metrics["test/accuracy"] == 0.75 and after.data.metrics["test/accuracy/3"] == 0.75
+    listed = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    listed |= {f.path for f in client.list_artifacts(run.info.run_id, "report")}
+    assert {"evaluation/confusion.json", "report/report.html", "report/report.md", "report/figures"} <= listed

@@ -92,20 +92,39 @@ def log_trained(checkpoint_path: Path, model: Servable, record: EpochRecord, tra
 def log_evaluation(experiment_id: str, name: str, checkpoint_path: Path, model: Servable, meta: dict[str, Any],
                    metrics: dict[str, Any], files: list[Path]) -> str:
     """Test metrics and files into the run that trained this checkpoint (or a new run when the
-    model came from DVC's cache); the model too, if that run lacks it. Returns the run id."""
+    model came from DVC's cache); the model too, if that run lacks it. Returns the run id.
+
+    The training run is not reopened when it has its model: its metrics and files are added
+    to it as it is, so its duration in the MLflow UI stays the training's own, not training
+    plus the wait for the other models and this stage.
+    """
     import mlflow
 
-    sha = tracking.file_sha256(checkpoint_path)
-    with tracking.resume_run(experiment_id, sha, name, f"evaluate@{name}") as run_id:
-        ensure_model_logged(experiment_id, run_id, model)
-        # A no-op for the run that trained this model (MLflow keeps one input per data set and
-        # digest); it records the data when this run is new (the model came from DVC's cache).
-        log_data(meta, "evaluation")
-        mlflow.log_metrics({"test/loss": metrics["test/loss"], "test/accuracy": metrics["test/accuracy"],
-                            **{f"test/accuracy/{c}": a for c, a in metrics["test/per_class_accuracy"].items()}})
-        for path in files:
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+    run = tracking.find_run(experiment_id, tracking.file_sha256(checkpoint_path))
+    if run is not None and has_logged_model(experiment_id, run.info.run_id):
+        run_id = run.info.run_id
+    else:
+        with tracking.resume_run(experiment_id, tracking.file_sha256(checkpoint_path), name,
+                                 f"evaluate@{name}") as run_id:
+            ensure_model_logged(experiment_id, run_id, model)
+            # The data this run is judged on (the run that trained the model recorded it already).
+            log_data(meta, "evaluation")
+    client = mlflow.MlflowClient()
+    log_metrics_to(client, run_id, {"test/loss": metrics["test/loss"], "test/accuracy": metrics["test/accuracy"],
+                                    **{f"test/accuracy/{c}": a for c, a in metrics["test/per_class_accuracy"].items()}})
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
     return run_id
+
+
+def log_metrics_to(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics (step 0) into a run by id, whether it is active or finished."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
 
 
 def runs_of(experiment_id: str, checkpoints: dict[str, Path]) -> dict[str, Run | None]:
@@ -114,17 +133,19 @@ def runs_of(experiment_id: str, checkpoints: dict[str, Path]) -> dict[str, Run |
 
 
 def attach_report(runs: dict[str, Run | None], reports_dir: Path) -> None:
-    """The report belongs to every run it compares: attach it to each model's run."""
+    """The report belongs to every run it compares: attach it to each model's run (by id: the
+    runs stay finished, with their own durations)."""
     import mlflow
 
+    client = mlflow.MlflowClient()
     for name, run in runs.items():
         if run is None:
             log.warning("%s: no MLflow run found for its model file; report not attached", name)
             continue
-        with mlflow.start_run(run_id=run.info.run_id):
-            mlflow.log_artifact(str(reports_dir / "report.html"), artifact_path="report")
-            mlflow.log_artifact(str(reports_dir / "report.md"), artifact_path="report")
-            mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path="report/figures")
+        run_id = run.info.run_id
+        client.log_artifact(run_id, str(reports_dir / "report.html"), artifact_path="report")
+        client.log_artifact(run_id, str(reports_dir / "report.md"), artifact_path="report")
+        client.log_artifacts(run_id, str(reports_dir / "figures"), artifact_path="report/figures")
 
 
 def _dvc_source(info: dict[str, Any]) -> Any:
@@ -243,14 +264,17 @@ def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] |
     )
 
 
+def has_logged_model(experiment_id: str, run_id: str) -> bool:
+    import mlflow
+
+    return bool(mlflow.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    ))
+
+
 def ensure_model_logged(experiment_id: str, run_id: str, model: Servable) -> None:
     """Log the model to the active run unless that run already has one (it lacks one when the
     model came from DVC's cache or a remote, or when logging failed after training)."""
-    import mlflow
-
-    existing = mlflow.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
-    )
-    if not existing:
+    if not has_logged_model(experiment_id, run_id):
         log.info("run %s has no logged model yet: logging it", run_id)
         model.log()

@@ -217,9 +217,15 @@ def _check_may_write(uri: str, name: str, experiment: str | None, registered_mod
             raise refuse(f"registered model {registered_model!r}", granted)
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, token usage); with
+# it, on the runs table. The value is the UI's own name for its "Machine learning" kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup(experiment: str, registered_model: str | None = None) -> str:
     """Point MLflow at the store, check that this user may log to `experiment` (and register
-    versions of `registered_model`, when given), and return the experiment id."""
+    versions of `registered_model`, when given), and return the experiment id. The experiment
+    is created (or marked, if someone created it bare) as model training."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -229,13 +235,16 @@ def setup(experiment: str, registered_model: str | None = None) -> str:
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
+            for key, value in EXPERIMENT_KIND.items():
+                if found.tags.get(key) != value:
+                    mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:"):
             # Keep artifacts next to the database rather than relative to whatever the CWD is.
             location = (home_root() / "mlartifacts").as_uri()
         try:
-            return mlflow.create_experiment(experiment, artifact_location=location)
+            return mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException as exc:
             # A server is shared: another pipeline may have created it since we looked.
             again = mlflow.get_experiment_by_name(experiment) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
@@ -300,7 +309,10 @@ def find_run(experiment_id: str, model_sha256: str) -> Run | None:
 @contextmanager
 def resume_run(experiment_id: str, model_sha256: str, model_name: str, stage: str) -> Iterator[str]:
     """Reopen the run that trained this model file; start a tagged one if there is none
-    (the model came from DVC's cache or a teammate's remote, so no local run exists)."""
+    (the model came from DVC's cache or a teammate's remote, so no local run exists).
+    Reopening moves the run's end time (and so its duration in the UI) to now: only for
+    what must run inside an active run (logging a model); add metrics and files to a
+    finished run with `MlflowClient` and its run id instead."""
     import mlflow
 
     run = find_run(experiment_id, model_sha256)
