@@ -93,11 +93,12 @@ mlflow-user: venv
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Speed and accuracy figures on the real data (15 to 22 minutes on 2 cores with native bf16,
-# longer on AVX2-only CPUs); see README, "Benchmark".
+# Speed and accuracy figures on the real data (about 15 to 25 minutes on 2 cores). Each run is kept
+# in bench/results/ and bench/docs.py rewrites docs/benchmarks.md and README's results table from them.
 bench: venv data-source
 	dvc repro preprocess
-	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+	$(BIN)/python bench/pipeline.py --record bench/results $(BENCH_ARGS)
+	$(BIN)/python bench/docs.py
 
 # How cost grows with the data (docs/scale.md): preprocess images/s and memory at 1x and 4x, training
 # from memory-mapped splits (also under a cgroup memory limit of half their size, which needs root),

@@ -315,7 +315,35 @@ def cpu_features() -> dict[str, Any]:
     except OSError:  # not Linux
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    return {"model": model, "features": [f for f in wanted if f in flags]}
+    return {"model": model, "features": [f for f in wanted if f in flags], **cpu_generation()}
+
+
+def cpu_generation() -> dict[str, int]:
+    """The CPU's family and model numbers: "AMD EPYC" alone names every Zen generation."""
+    names = {"cpu family": "family", "model": "model_number"}
+    found: dict[str, int] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in names and names[key] not in found:
+                found[names[key]] = int(value)
+            if len(found) == len(names):
+                break
+    except (OSError, ValueError):  # not Linux, or not x86
+        pass
+    return found
+
+
+def provenance() -> dict[str, Any]:
+    """When, from which commit, and how busy the machine was: speed figures measured beside
+    other work are slower, and say so."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git("rev-parse", "HEAD") or "unknown",
+            "tree_clean": git("status", "--porcelain", "--untracked-files=no") == "",
+            "load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
 
 
 def kernel_info() -> dict[str, str]:
@@ -353,6 +381,7 @@ def bench_model(name: str, args: argparse.Namespace, data: dict[str, Any], param
     compiled = compile_probe(name, data, params, args.compile_steps) if args.compile_steps else None
     log.info("%s torch.compile: %s", name, compiled)
     return {
+        "arch": load_model(name, params).arch,
         "parameters": count_parameters(first["model"]),
         "epochs": first["epochs"], "precision": first["precision"], "threads": first["threads"],
         "target_test_accuracy": first["target"],
@@ -389,6 +418,15 @@ def bench_dvc(params: dict[str, Any], whole: bool = False) -> dict[str, Any]:
             "stages_after_change": stages}
 
 
+def record_name(result: dict[str, Any]) -> str:
+    """`2026-12-07T1130-amd-epyc-f26m17.json`: sorts by date, says which CPU."""
+    cpu = result["machine"]["cpu"]
+    slug = "-".join("".join(c if c.isalnum() else " " for c in cpu["model"].lower()).split())
+    generation = f"-f{cpu['family']}m{cpu['model_number']}" if "family" in cpu else ""
+    stamp = result["recorded"]["date"][:16].replace(":", "")
+    return f"{stamp}-{slug}{generation}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark the training engine on the real data.")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per model (mean and spread)")
@@ -404,6 +442,9 @@ def main() -> None:
                              "each timing.json, so dvc.lock changes as after any `dvc repro -f`)")
     parser.add_argument("--skip-engine", action="store_true", help="only the dvc repro timings")
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "benchmark.json")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="also keep the finished result as DIR/<date>-<cpu>.json (make bench: bench/results, "
+                             "which bench/docs.py turns into docs/benchmarks.md)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("imgclf.engine").setLevel(logging.WARNING)
@@ -415,7 +456,7 @@ def main() -> None:
     data.update({s: (torch.from_numpy(v.images), torch.from_numpy(v.labels)) for s, v in splits.items()})
     threads = pick_threads(0)
     torch.set_num_threads(threads)
-    result: dict[str, Any] = {"machine": machine_info(threads), "models": {}}
+    result: dict[str, Any] = {"recorded": provenance(), "machine": machine_info(threads), "models": {}}
     log.info("machine: %s", result["machine"])
     for name in [] if args.skip_engine else args.models or model_names(params):
         result["models"][name] = bench_model(name, args, data, params)
@@ -429,7 +470,11 @@ def main() -> None:
                 figures["times_sooner_than_recipe"] = round(theirs / ours, 1)
     if not args.skip_dvc:
         result["pipeline"] = bench_dvc(params, whole=args.whole_pipeline)
+    result["recorded"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    result["recorded"]["arguments"] = sys.argv[1:]
     write_json(args.out, result)
+    if args.record:
+        write_json(args.record / record_name(result), result)
     # The per-epoch curves are in the file; the terminal gets the figures.
     shown = {**result, "models": {n: {k: v for k, v in m.items() if k != "runs"} for n, m in result["models"].items()}}
     print(json.dumps(shown, indent=2))
