@@ -1,5 +1,6 @@
 """Models, losses and the training engine: behaviour a user relies on."""
 
+import inspect
 import math
 import pickle
 
@@ -8,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from fixtures import toy_images
-from imgclf import checkpoint
+from imgclf import checkpoint, config
 from imgclf.config import Augment, CNNConfig, MLPConfig, TrainConfig
 from imgclf.engine import Plan, fit, make_loss, make_optimizer, make_schedule, predict
 from imgclf.errors import DataError, TrainingError
-from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
+from imgclf.models import CNN, MLP, MODULES, Classifier, build_model, count_parameters
 from imgclf.runtime import configure, resolve_device
 from imgclf.transforms import Normalizer, augment
 
@@ -30,11 +31,29 @@ def _train_cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("cfg", [MLP_CFG, CNN_CFG])
+# Every model of the shipped params.yaml, so every architecture a user can pick is built below.
+SHIPPED = {name: config.load_model(name) for name in config.model_names()}
+
+
+def test_every_architecture_has_a_module_and_a_shipped_example():
+    # A config class alone registers an architecture; without its @builds module, or without a
+    # key in params.yaml using it, nothing below would ever build it.
+    assert set(MODULES) == set(config.ARCHITECTURES)
+    assert {cfg.arch for cfg in SHIPPED.values()} == set(config.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(config.ARCHITECTURES))
+def test_module_takes_exactly_its_configs_fields(arch):
+    fields = set(config.ARCHITECTURES[arch].model_fields) - {"arch", "train"}
+    params = set(inspect.signature(MODULES[arch]).parameters)
+    assert params == fields | {"in_shape", "num_classes", "log_probs"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 @pytest.mark.parametrize("log_probs", [False, True])
-def test_forward_shape_and_finite(cfg, shape, log_probs):
-    model = build_model(cfg, shape, 10, log_probs=log_probs).eval()
+def test_forward_shape_and_finite(name, shape, log_probs):
+    model = build_model(SHIPPED[name], shape, 10, log_probs=log_probs).eval()
     out = model(torch.randn(5, *shape))
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     if log_probs:

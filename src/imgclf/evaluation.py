@@ -13,7 +13,7 @@ import torch
 
 from imgclf import checkpoint
 from imgclf.atomic import write_json, write_text
-from imgclf.config import CNNConfig, EvaluateConfig, MLPConfig
+from imgclf.config import ArchConfig, EvaluateConfig
 from imgclf.data.dataset import load_meta, load_split
 from imgclf.engine import make_loss, predict
 from imgclf.models import Classifier
@@ -90,7 +90,7 @@ class Evaluation:
         return files
 
 
-def evaluate_checkpoint(path: Path, arch: MLPConfig | CNNConfig, processed_dir: Path, cfg: EvaluateConfig,
+def evaluate_checkpoint(path: Path, arch: ArchConfig, processed_dir: Path, cfg: EvaluateConfig,
                         src_dir: Path) -> tuple[Evaluation, dict[str, Any]]:
     """The evaluate stage's work: the checkpoint's outputs on the test split, summarized.
     Returns the evaluation and the processed data's meta.json."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from imgclf import checkpoint, distributed, runlog, runtime, tracking
 from imgclf.atomic import write_json, write_text
-from imgclf.config import CNNConfig, MLPConfig, TrainConfig
+from imgclf.config import ArchConfig, TrainConfig
 from imgclf.data.dataset import Split, load_meta, load_split
 from imgclf.engine import EpochRecord, Plan, fit
 from imgclf.models import Classifier, build_model, count_parameters
@@ -50,7 +50,7 @@ class Inputs:
     val: Split
 
     @classmethod
-    def load(cls, processed_dir: Path, ctx: distributed.Context, cfg: TrainConfig, arch: MLPConfig | CNNConfig) -> Inputs:
+    def load(cls, processed_dir: Path, ctx: distributed.Context, cfg: TrainConfig, arch: ArchConfig) -> Inputs:
         meta = load_meta(processed_dir)
         train, val = load_split(processed_dir, "train", meta), load_split(processed_dir, "val", meta)
         distributed.check_same_inputs(
@@ -63,7 +63,7 @@ class Inputs:
         return runtime.place(torch.from_numpy(split.images), device), runtime.place(torch.from_numpy(split.labels), device)
 
 
-def build(arch: MLPConfig | CNNConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distributed.Context) -> nn.Module:
+def build(arch: ArchConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distributed.Context) -> nn.Module:
     """The untrained model on this process's device, seeded alike on every process."""
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
     # channels_last: faster convolutions with oneDNN on CPUs and with tensor cores on GPUs.
@@ -79,7 +79,7 @@ class BestCheckpoint:
     """on_improve for `fit`: saved at every improvement, so an interrupted run still leaves its
     best model so far."""
 
-    def __init__(self, path: Path, model: nn.Module, arch: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str,
+    def __init__(self, path: Path, model: nn.Module, arch: ArchConfig, meta: dict[str, Any], loss: str,
                  flip_average: bool):
         self.path, self.model, self.arch, self.meta, self.loss = path, model, arch, meta, loss
         self.flip_average = flip_average
@@ -101,7 +101,7 @@ def train_model(
     name: str,
     ctx: distributed.Context,
     *,
-    arch: MLPConfig | CNNConfig,
+    arch: ArchConfig,
     cfg: TrainConfig,
     experiment: str,
     registered_model: str | None = None,
