@@ -65,7 +65,7 @@ TRAIN_HEADROOM_MB = 96  # page cache the limited run has at the least, beyond it
 MODEL = {"mlp": {"arch": "mlp", "hidden": [16]}}
 TRAIN = {"seed": 0, "epochs": 1, "batch_size": 512, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
          "weight_decay": 0.0005, "schedule": "onecycle", "warmup_fraction": 0.2, "label_smoothing": 0.0,
-         "augment": False, "loss": "cross_entropy", "precision": "fp32", "threads": 0, "eval_batch_size": 1000,
+         "augment": False, "loss": "cross_entropy", "precision": "fp32", "threads": 0,
          "device": "cpu", "deterministic": True, "processes": 1}
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 

@@ -165,7 +165,7 @@ def make_project(base: Path, update_params) -> Project:
 
 # Params that make the whole pipeline run in about 50 s on the tiny data set (both models, 2 cores).
 TINY = {
-    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "eval_batch_size": 200, "threads": 1},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "threads": 1},
     "models": {
         "mlp": {"arch": "mlp", "hidden": [32], "dropout": 0.1, "train": {"augment": False}},
         "cnn": {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.1},

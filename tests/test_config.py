@@ -191,6 +191,17 @@ def test_old_download_layout_points_to_datasets(params):
         "download.colour: unknown key (allowed: dataset, retries, timeout_s)")
 
 
+def test_old_eval_batch_size_points_to_evaluate_batch_size(params):
+    moved = ("eval_batch_size moved to evaluate.batch_size (one batch size for the validation after each "
+             "epoch and for the evaluate stage)")
+    params["train"]["eval_batch_size"] = 500
+    assert _error(config.load_train, "mlp", params) == f"train: {moved}"
+    del params["train"]["eval_batch_size"]
+    params["models"]["mlp"]["train"] = {"eval_batch_size": 500}
+    assert _error(config.load_train, "mlp", params) == f"models.mlp.train: {moved}"
+    assert config.load_train("cnn", params).batch_size > 0  # the other model is unaffected
+
+
 def test_params_file_that_is_not_a_mapping(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("- just\n- a list\n")

@@ -73,6 +73,16 @@ def test_cnn_refuses_more_pooling_than_the_image_allows():
         CNN((1, 8, 8), 10, [4, 4, 4, 4], hidden=8)
 
 
+@pytest.mark.parametrize("kind", config.LOSSES)
+def test_every_allowed_loss_trains(kind):
+    # train.loss accepts exactly config.LOSSES: each must have an implementation whose gradient flows.
+    out = torch.randn(8, 4).requires_grad_()
+    model_out = torch.log_softmax(out, dim=1) if kind == "nll" else out
+    loss = make_loss(kind, 0.1)(model_out, torch.randint(0, 4, (8,)))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and out.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy_equals_log_softmax_plus_nll(smoothing):
     logits = torch.randn(64, 10, dtype=torch.float64)
@@ -123,7 +133,8 @@ def _fit(cfg, model_cfg=CNN_CFG, improvements=None, device="cpu"):
     model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll").to(device)
     x, y = (t.to(device) for t in toy_images())
     vx, vy = (t.to(device) for t in toy_images(32, seed=1))
-    plan = Plan(cfg, Normalizer([0.2], [0.3]).to(device), augment=SHIFT_AND_FLIP if cfg.augment else None)
+    plan = Plan(cfg, Normalizer([0.2], [0.3]).to(device), augment=SHIFT_AND_FLIP if cfg.augment else None,
+                eval_batch_size=64)
     hist = fit(model, (x, y), (vx, vy), plan,
                on_improve=lambda r: improvements.append(r.epoch) if improvements is not None else None)
     return model, hist
@@ -219,9 +230,9 @@ def test_checkpoint_bytes_do_not_depend_on_when_or_where_saved(tmp_path):
 def test_a_model_trained_on_flips_is_judged_on_both_views_and_one_trained_without_on_one():
     cfg = _train_cfg()
     norm = Normalizer([0.2], [0.3])
-    assert Plan(cfg, norm, augment=SHIFT_AND_FLIP).flip_average
-    assert not Plan(cfg, norm, augment=Augment(shift=2, flip=False)).flip_average  # digits
-    assert not Plan(cfg, norm, augment=None).flip_average  # train.augment false
+    assert Plan(cfg, norm, augment=SHIFT_AND_FLIP, eval_batch_size=64).flip_average
+    assert not Plan(cfg, norm, augment=Augment(shift=2, flip=False), eval_batch_size=64).flip_average  # digits
+    assert not Plan(cfg, norm, augment=None, eval_batch_size=64).flip_average  # train.augment false
     torch.manual_seed(0)
     model = build_model(CNN_CFG, (1, 28, 28), 10, log_probs=False).eval()
     pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -207,6 +207,12 @@ class PreprocessConfig(Section):
     seed: Annotated[int, Field(ge=0)]
 
 
+# What a model outputs decides its loss: raw scores for cross_entropy, log_softmax for nll.
+# imgclf.engine.make_loss implements each; checkpoints record which one trained the model.
+LossKind = Literal["cross_entropy", "nll"]
+LOSSES: tuple[str, ...] = get_args(LossKind)
+
+
 class TrainConfig(Section):
     seed: Annotated[int, Field(ge=0)]
     epochs: PosInt
@@ -219,10 +225,9 @@ class TrainConfig(Section):
     warmup_fraction: Fraction = 0.2
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     augment: bool = False
-    loss: Literal["cross_entropy", "nll"] = "cross_entropy"
+    loss: LossKind = "cross_entropy"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     threads: Annotated[int, Field(ge=0)] = 0
-    eval_batch_size: PosInt = 1000
     # auto: CUDA when torch sees a GPU, else CPU. Asking for cuda without one is an error.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on CUDA): same bytes out.
@@ -230,6 +235,20 @@ class TrainConfig(Section):
     # Data-parallel DDP processes on this machine (torchrun). batch_size stays the global
     # batch (split evenly across processes), so lr needs no rescaling when this changes.
     processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+    # Keys of params.yaml files from before, and where they went.
+    MOVED: ClassVar[dict[str, str]] = {
+        "eval_batch_size": "evaluate.batch_size (one batch size for the validation after each epoch "
+                           "and for the evaluate stage)",
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        moved = [key for key in cls.MOVED if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ValueError(f"{moved[0]} moved to {cls.MOVED[moved[0]]}")
+        return raw
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainConfig:
@@ -305,6 +324,8 @@ def model_from_dict(raw: dict[str, Any]) -> ArchConfig:
 
 
 class EvaluateConfig(Section):
+    # Images per forward pass when only predicting: the evaluate stage, and the train stage's
+    # validation after each epoch (which reads this key alone).
     batch_size: PosInt
     top_misclassified: Annotated[int, Field(ge=0, le=1000)]
 
@@ -446,7 +467,7 @@ def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
         loc = exc.errors()[0]["loc"]
-        if loc and str(loc[0]) in model.train:
+        if (loc and str(loc[0]) in model.train) or (not loc and set(TrainConfig.MOVED) & set(model.train)):
             prefix = f"models.{_shown(name)}.train"
         raise ConfigError(_format_error(exc, prefix, TrainConfig)) from None
 

@@ -103,6 +103,7 @@ def train_model(
     *,
     arch: ArchConfig,
     cfg: TrainConfig,
+    eval_batch_size: int,
     experiment: str,
     registered_model: str | None = None,
     processed_dir: Path,
@@ -122,7 +123,8 @@ def train_model(
     meta, device = inputs.meta, ctx.device
     model = build(arch, cfg, meta, ctx)
     plan = Plan(cfg, Normalizer(meta["mean"], meta["std"]).to(device), runtime.resolve_precision(cfg.precision, device),
-                augment=augmentation_of(meta) if cfg.augment else None, shard=ctx.shard, validate=ctx.is_writer)
+                augment=augmentation_of(meta) if cfg.augment else None, shard=ctx.shard, validate=ctx.is_writer,
+                eval_batch_size=eval_batch_size)
     net = distributed.wrap(model, ctx)
     # Each split is placed once (imgclf.runtime.place); batches are gathered from it.
     train, val = inputs.tensors(inputs.train, device), inputs.tensors(inputs.val, device)
