@@ -7,7 +7,8 @@ from pathlib import Path
 
 from imgclf import cli, distributed
 from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, load_train, read_params
-from imgclf.paths import PROCESSED_DIR, SRC_DIR, checkpoint_path, metrics_dir
+from imgclf.paths import PROCESSED_DIR, SRC_DIR
+from imgclf.schema import ModelFiles
 from imgclf.training import train_model
 
 
@@ -30,7 +31,7 @@ def main() -> None:
         train_model(name, ctx, arch=load_model(name, params), cfg=cfg, eval_batch_size=eval_batch_size,
                     experiment=mlflow_cfg.experiment,
                     registered_model=mlflow_cfg.registered_as(name), processed_dir=PROCESSED_DIR,
-                    checkpoint_path=checkpoint_path(name), metrics_out=metrics_dir(name), src_dir=SRC_DIR)
+                    files=ModelFiles.of(name), src_dir=SRC_DIR)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgclf.paths import METRICS_DIR
+from imgclf.schema import HISTORY, HISTORY_COLUMNS, OUTPUTS, PREDICTION_COLUMNS, PREDICTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
@@ -58,3 +61,57 @@ def test_stage_declares_exactly_the_code_it_imports(stage):
     assert declared == code_closure(script), (
         f"missing: {sorted(code_closure(script) - declared)}, extra: {sorted(declared - code_closure(script))}"
     )
+
+
+# --- each model's files: dvc.yaml declares what imgclf.schema names ----------------------------
+
+def _declared_paths(entries: list) -> list[str]:
+    # An entry is a path, or a one-key mapping of a path to its flags (cache: false, ...).
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_per_model_stage_declares_exactly_the_files_the_schema_names(stage):
+    spec = STAGES[stage]["do"]
+    for kind in ("outs", "metrics", "plots"):
+        expected = [o.dvc_path() for o in OUTPUTS if o.stage == stage and o.declared == kind]
+        assert sorted(_declared_paths(spec.get(kind, []))) == sorted(expected), f"{stage} {kind}"
+    # Metrics and plots are git-tracked, so `dvc metrics diff` needs no pull.
+    for entry in spec.get("metrics", []) + spec.get("plots", []):
+        assert isinstance(entry, dict) and next(iter(entry.values())) == {"cache": False}, entry
+
+
+def test_every_schema_file_is_declared_by_a_stage_that_exists():
+    assert {o.stage for o in OUTPUTS} <= set(STAGES)
+    assert len({(o.under_models, o.file) for o in OUTPUTS}) == len(OUTPUTS)  # no file named twice
+
+
+# --- `dvc plots`: one curve per model under `models` --------------------------------------------
+
+PLOTS = {name: spec for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+         for name, spec in entry.items()}
+# DVC's stage-level plots take one y column per file, and these plots draw two per file
+# (train and val), so they are top-level plots naming each model's file: this test holds
+# them to the keys under `models`.
+PLOT_FILES = {"loss": (HISTORY, HISTORY_COLUMNS), "accuracy": (HISTORY, HISTORY_COLUMNS),
+              "confusion": (PREDICTIONS, PREDICTION_COLUMNS)}
+
+
+@pytest.mark.parametrize("plot", sorted(PLOT_FILES))
+def test_top_level_plots_name_every_model_and_no_other(plot):
+    file, columns = PLOT_FILES[plot]
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    y = PLOTS[plot]["y"]
+    assert sorted(y) == sorted(f"{METRICS_DIR.name}/{name}/{file}" for name in models), (
+        "dvc.yaml's top-level plots must name metrics/<model>/... for each key under `models` in params.yaml")
+    # Every model is drawn alike, from columns its file has.
+    assert len({str(v) for v in y.values()}) == 1
+    drawn = {PLOTS[plot]["x"], *(c for v in y.values() for c in ([v] if isinstance(v, str) else v))}
+    assert drawn <= set(columns)
+
+
+def test_plots_draw_model_files_and_every_declared_plot_file():
+    drawn = {file for file, _ in PLOT_FILES.values()}
+    assert drawn <= {o.file for o in OUTPUTS if o.stage in ("train", "evaluate")}
+    assert {o.file for o in OUTPUTS if o.declared == "plots"} <= drawn
+    assert set(PLOTS) == set(PLOT_FILES)

@@ -25,7 +25,7 @@ from imgclf.config import ArchConfig, TrainConfig
 from imgclf.data.dataset import Split, load_meta, load_split
 from imgclf.engine import EpochRecord, Plan, fit
 from imgclf.models import Classifier, build_model, count_parameters
-from imgclf.schema import HISTORY_COLUMNS
+from imgclf.schema import HISTORY_COLUMNS, ModelFiles, Timing, TrainSummary
 from imgclf.transforms import Normalizer, augmentation_of
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,9 @@ def train_model(
     experiment: str,
     registered_model: str | None = None,
     processed_dir: Path,
-    checkpoint_path: Path,
-    metrics_out: Path,
+    files: ModelFiles,
     src_dir: Path,
-) -> dict[str, Any] | None:
+) -> TrainSummary | None:
     """Train one model in this process (`ctx` from imgclf.distributed.session). Returns what
     train.json records (best epoch, its validation figures), or None on a non-writing process."""
     inputs = Inputs.load(processed_dir, ctx, cfg, arch)
@@ -135,15 +134,15 @@ def train_model(
     log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step", name,
              arch.arch.upper(), facts["model.parameters"], facts["train.device_used"], plan.precision, threads,
              ctx.world_size, facts["train.batch_per_process"])
-    best = BestCheckpoint(checkpoint_path, model, arch, meta, cfg.loss, plan.flip_average)
+    best = BestCheckpoint(files.checkpoint, model, arch, meta, cfg.loss, plan.flip_average)
     params = {**runlog.flatten("train", cfg.model_dump()), **runlog.flatten("model", arch.model_dump(exclude={"train"})),
               **runlog.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}), **facts}
     with runlog.training_run(experiment_id, name, params, meta):
         started = time.perf_counter()
         history = fit(model, train, val, plan, on_improve=best, on_epoch=runlog.log_epoch, train_module=net)
         train_seconds = time.perf_counter() - started
-        summary = write_outputs(metrics_out, history, best.record, facts, train_seconds, len(inputs.train.labels))
-        runlog.log_trained(checkpoint_path, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
+        summary = write_outputs(files, history, best.record, facts, train_seconds, len(inputs.train.labels))
+        runlog.log_trained(files.checkpoint, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
     log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, best.record.epoch,
              best.record.val["loss"], best.record.val["accuracy"], train_seconds)
     return summary
@@ -162,11 +161,11 @@ def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Conte
     }
 
 
-def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
-                  train_seconds: float, n_train: int) -> dict[str, Any]:
+def write_outputs(files: ModelFiles, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
+                  train_seconds: float, n_train: int) -> TrainSummary:
     """history.csv and train.json (byte-reproducible) and timing.json (varies run to run);
     returns train.json's content."""
-    summary = {
+    summary: TrainSummary = {
         "best_epoch": best.epoch,
         "val/loss": round(best.val["loss"], 6),
         "val/accuracy": round(best.val["accuracy"], 6),
@@ -174,7 +173,7 @@ def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochReco
         "epochs": len(history),
     }
     epoch_seconds = [r.train["seconds"] for r in history]
-    timing = {
+    timing: Timing = {
         "train_seconds": round(train_seconds, 3),
         "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "images_per_s": round(n_train * len(history) / sum(epoch_seconds), 1),
@@ -185,7 +184,7 @@ def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochReco
         "machine": runtime.describe_machine(),
         "torch": torch.__version__,
     }
-    write_text(metrics_out / "history.csv", history_csv(history))
-    write_json(metrics_out / "train.json", summary)
-    write_json(metrics_out / "timing.json", timing)
+    write_text(files.history, history_csv(history))
+    write_json(files.train_summary, summary)
+    write_json(files.timing, timing)
     return summary
