@@ -155,3 +155,21 @@ class ModelFiles:
     @property
     def confusion(self) -> Path:
         return self.metrics_dir / CONFUSION
+
+
+def dvc_plots(models: list[str]) -> list[dict[str, Any]]:
+    """dvc.yaml's top-level `plots` for these model names: training curves and a confusion matrix each.
+
+    DVC's stage-level plot options take one y column per file, and the curves draw two (train and
+    val), so these are top-level plots naming each model's files; tests/test_dvc_yaml.py fails when
+    dvc.yaml's differ from this for the keys under `models`.
+    """
+    def each(file: str, y: str | tuple[str, ...]) -> dict[str, Any]:
+        # A list per file, not one shared: YAML would otherwise write it as an anchor and aliases.
+        return {f"{METRICS_DIR.name}/{name}/{file}": y if isinstance(y, str) else list(y) for name in models}
+
+    return [
+        {"loss": {"template": "linear", "x": "epoch", "y": each(HISTORY, ("train/loss", "val/loss"))}},
+        {"accuracy": {"template": "linear", "x": "epoch", "y": each(HISTORY, ("train/accuracy", "val/accuracy"))}},
+        {"confusion": {"template": "confusion", "x": "actual", "y": each(PREDICTIONS, "predicted")}},
+    ]
