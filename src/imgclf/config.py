@@ -325,7 +325,7 @@ def model_from_dict(raw: dict[str, Any]) -> ArchConfig:
 
 class EvaluateConfig(Section):
     # Images per forward pass when only predicting: the evaluate stage, and the train stage's
-    # validation after each epoch (which reads this key alone).
+    # validation after each epoch (dvc.yaml: train depends on this key alone).
     batch_size: PosInt
     top_misclassified: Annotated[int, Field(ge=0, le=1000)]
 
