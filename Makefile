@@ -7,7 +7,6 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 # Stages run `python ...` from dvc.yaml: make sure that is the project's interpreter.
 export PATH := $(BIN):$(PATH)
-export MLFLOW_DISABLE_TELEMETRY := true
 
 FMNIST_LOCAL := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -77,7 +76,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 mlflow-ui: venv
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python -m imgclf.cli mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The team's tracking server: PostgreSQL for runs, the registry and its users; artifacts proxied.
 mlflow-server: venv

@@ -65,7 +65,7 @@ TRAIN_HEADROOM_MB = 96  # page cache the limited run has at the least, beyond it
 MODEL = {"mlp": {"arch": "mlp", "hidden": [16]}}
 TRAIN = {"seed": 0, "epochs": 1, "batch_size": 512, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
          "weight_decay": 0.0005, "schedule": "onecycle", "warmup_fraction": 0.2, "label_smoothing": 0.0,
-         "augment": False, "loss": "cross_entropy", "precision": "fp32", "threads": 0, "eval_batch_size": 1000,
+         "augment": False, "loss": "cross_entropy", "precision": "fp32", "threads": 0,
          "device": "cpu", "deterministic": True, "processes": 1}
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
@@ -379,14 +379,16 @@ def train(proj: Path, model: str, variant: str, limit_mb: int | None) -> dict:
         cmd = [PY, "stages/train.py", model]
     result = measure(cmd, proj, limit_mb, env={"MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"})
     if result["rc"] == 0:
-        metrics = proj / "metrics" / model
-        timing = json.loads((metrics / "timing.json").read_text())
+        from imgclf.paths import METRICS_DIR, MODELS_DIR
+        from imgclf.schema import ModelFiles
+
+        files = ModelFiles.of(model, proj / MODELS_DIR.name, proj / METRICS_DIR.name)
+        timing = json.loads(files.timing.read_text())
         result.update(
             images_per_s=timing["images_per_s"], train_seconds=timing["train_seconds"],
             epoch_seconds=timing["epoch_seconds"],
-            md5={"model.pt": file_md5(proj / "models" / model / "model.pt"),
-                 "train.json": file_md5(metrics / "train.json"), "history.csv": file_md5(metrics / "history.csv")},
-            val_accuracy=json.loads((metrics / "train.json").read_text())["val/accuracy"],
+            md5={p.name: file_md5(p) for p in (files.checkpoint, files.train_summary, files.history)},
+            val_accuracy=json.loads(files.train_summary.read_text())["val/accuracy"],
         )
     return result
 

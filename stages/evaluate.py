@@ -8,7 +8,8 @@ import logging
 from imgclf import cli, registry, runlog, tracking
 from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, model_names, read_params
 from imgclf.evaluation import evaluate_checkpoint
-from imgclf.paths import PROCESSED_DIR, SRC_DIR, checkpoint_path, metrics_dir
+from imgclf.paths import PROCESSED_DIR, SRC_DIR
+from imgclf.schema import ModelFiles
 
 log = logging.getLogger("evaluate")
 
@@ -23,10 +24,11 @@ def main() -> None:
     registry.check_target(mlflow_cfg.register_model, model_names(params))
     registered = mlflow_cfg.registered_as(name)
     experiment_id = tracking.setup(mlflow_cfg.experiment, registered)
-    ckpt = checkpoint_path(name)
-    evaluation, meta = evaluate_checkpoint(ckpt, load_model(name, params), PROCESSED_DIR, cfg, SRC_DIR)
-    files = evaluation.write(metrics_dir(name))
-    run_id = runlog.log_evaluation(experiment_id, name, ckpt, evaluation.servable, meta, evaluation.metrics, files)
+    files = ModelFiles.of(name)
+    evaluation, meta = evaluate_checkpoint(files.checkpoint, load_model(name, params), PROCESSED_DIR, cfg, SRC_DIR)
+    logged = evaluation.write(files)
+    run_id = runlog.log_evaluation(experiment_id, name, files.checkpoint, evaluation.servable, meta,
+                                   evaluation.metrics, logged)
     m = evaluation.metrics
     log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
     if registered is not None:

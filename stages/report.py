@@ -6,8 +6,9 @@ import logging
 
 from imgclf import cli, runlog, tracking
 from imgclf.config import MlflowConfig, ReportConfig, load_section, model_names, read_params
-from imgclf.paths import METRICS_DIR, PROCESSED_DIR, REPORTS_DIR, checkpoint_path
+from imgclf.paths import METRICS_DIR, PROCESSED_DIR, REPORTS_DIR
 from imgclf.report import build_report, load_inputs
+from imgclf.schema import ModelFiles
 
 log = logging.getLogger("report")
 
@@ -19,7 +20,7 @@ def main() -> None:
     names = model_names(params)
     inputs = load_inputs(names, PROCESSED_DIR, METRICS_DIR)
     experiment_id = tracking.setup(experiment)
-    runs = runlog.runs_of(experiment_id, {n: checkpoint_path(n) for n in names})
+    runs = runlog.runs_of(experiment_id, {n: ModelFiles.of(n).checkpoint for n in names})
     links = {n: f"run {r.info.run_id} in experiment {experiment!r}" if r else None for n, r in runs.items()}
     build_report(inputs, cfg, links).write(REPORTS_DIR)
     runlog.attach_report(runs, REPORTS_DIR)

@@ -7,11 +7,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from imgclf.cli import NO_TELEMETRY  # noqa: E402
 from shared import https_team_server, queued_runs, served_project, served_run, tiny_pipeline  # noqa: E402, F401
 
-# Tests never phone home and never write to the developer's own MLflow store.
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DO_NOT_TRACK"] = "true"
+# Tests never phone home (whatever the developer's environment says) and never write to the
+# developer's own MLflow store.
+os.environ.update(NO_TELEMETRY)
 
 # A shell without job control starts background commands (`make test &`, nohup) with SIGINT
 # ignored, and every child inherits that: Python then never raises KeyboardInterrupt, and the

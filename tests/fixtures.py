@@ -26,6 +26,7 @@ from imgclf.atomic import write_json
 from imgclf.data import idx
 from imgclf.data.dataset import Split, write_split
 from imgclf.dvcfiles import stages_in
+from imgclf.schema import dvc_plots
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -119,6 +120,16 @@ def set_params(repo: Path, update) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def plots_follow_models(repo: Path) -> None:
+    """Rewrite dvc.yaml's top-level plots (its last section) for the keys under `models` in
+    repo's params.yaml, as a user who changes those keys does (tests/test_dvc_yaml.py holds the
+    repository's own dvc.yaml to the same rule)."""
+    text = (repo / "dvc.yaml").read_text()
+    head = text[: text.index("\nplots:\n") + 1]
+    models = list(yaml.safe_load((repo / "params.yaml").read_text())["models"])
+    (repo / "dvc.yaml").write_text(head + yaml.safe_dump({"plots": dvc_plots(models)}, sort_keys=False))
+
+
 class Project:
     def __init__(self, path: Path, env: dict[str, str]):
         self.path, self.env = path, env
@@ -146,6 +157,7 @@ def make_project(base: Path, update_params) -> Project:
     repo.mkdir()
     copy_repo(repo)
     set_params(repo, update_params)
+    plots_follow_models(repo)
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -165,7 +177,7 @@ def make_project(base: Path, update_params) -> Project:
 
 # Params that make the whole pipeline run in about 50 s on the tiny data set (both models, 2 cores).
 TINY = {
-    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "eval_batch_size": 200, "threads": 1},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "threads": 1},
     "models": {
         "mlp": {"arch": "mlp", "hidden": [32], "dropout": 0.1, "train": {"augment": False}},
         "cnn": {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.1},

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixtures import BIN, ROOT, stop_session, wait_until_serving
+from imgclf.cli import NO_TELEMETRY
 from pgserver import PgServer, free_port
 from tlscerts import make_certificates
 
@@ -29,7 +30,7 @@ def new_secret() -> str:
 def script_env(**extra: str) -> dict[str, str]:
     """This environment without any MLFLOW_ setting, the venv first on PATH, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", **extra)
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **NO_TELEMETRY, **extra)
     return env
 
 

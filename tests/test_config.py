@@ -30,7 +30,7 @@ def test_shipped_params_are_valid():
     assert config.load_section("preprocess", config.PreprocessConfig, params).val_fraction == 0.1
     for name in config.model_names(params):
         assert config.load_train(name, params).epochs > 0
-        assert config.load_model(name, params).arch in ("mlp", "cnn")
+        assert config.load_model(name, params).arch in config.ARCHITECTURES
     config.load_section("evaluate", config.EvaluateConfig, params)
     config.load_section("report", config.ReportConfig, params)
     config.load_section("mlflow", config.MlflowConfig, params)
@@ -90,17 +90,22 @@ def test_bad_per_model_override_is_reported_under_the_model(params):
     assert _error(config.load_train, "mlp", params).startswith("models.mlp.train.epochs: got -1")
 
 
+# Every registered architecture, as the error lists them ('mlp', 'cnn', ... in definition order).
+ALLOWED_ARCHS = ", ".join(map(repr, config.ARCHITECTURES))
+
+
 def test_unknown_architecture_lists_the_allowed_ones(params):
     params["models"]["cnn"]["arch"] = "transformer"
+    assert {"mlp", "cnn"} <= set(config.ARCHITECTURES)
     assert _error(config.load_model, "cnn", params) == (
-        "models.cnn.arch: got 'transformer': must be one of 'mlp', 'cnn'"
+        f"models.cnn.arch: got 'transformer': must be one of {ALLOWED_ARCHS}"
     )
 
 
 def test_an_architecture_given_as_a_list_is_a_one_line_error(params):
     params["models"]["cnn"]["arch"] = ["cnn"]  # unhashable: the lookup must not crash
     assert _error(config.load_model, "cnn", params) == (
-        "models.cnn.arch: got ['cnn']: must be one of 'mlp', 'cnn'"
+        f"models.cnn.arch: got ['cnn']: must be one of {ALLOWED_ARCHS}"
     )
 
 
@@ -184,6 +189,17 @@ def test_old_download_layout_points_to_datasets(params):
     params["download"]["colour"] = "red"
     assert _error(config.load_section, "download", config.DownloadConfig, params) == (
         "download.colour: unknown key (allowed: dataset, retries, timeout_s)")
+
+
+def test_old_eval_batch_size_points_to_evaluate_batch_size(params):
+    moved = ("eval_batch_size moved to evaluate.batch_size (one batch size for the validation after each "
+             "epoch and for the evaluate stage)")
+    params["train"]["eval_batch_size"] = 500
+    assert _error(config.load_train, "mlp", params) == f"train: {moved}"
+    del params["train"]["eval_batch_size"]
+    params["models"]["mlp"]["train"] = {"eval_batch_size": 500}
+    assert _error(config.load_train, "mlp", params) == f"models.mlp.train: {moved}"
+    assert config.load_train("cnn", params).batch_size > 0  # the other model is unaffected
 
 
 def test_params_file_that_is_not_a_mapping(tmp_path):

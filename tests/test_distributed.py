@@ -80,7 +80,7 @@ def _train(shard: Shard, ddp: bool):
     x, y = toy_images(N_IMAGES)
     vx, vy = toy_images(20, seed=1)
     plan = Plan(CFG, Normalizer([0.2], [0.3]), augment=Augment(shift=2, flip=True), shard=shard,
-                validate=shard.rank == 0)
+                validate=shard.rank == 0, eval_batch_size=1000)
     history = fit(model, (x, y), (vx, vy), plan, train_module=net)
     return model, history
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgclf.schema import HISTORY, HISTORY_COLUMNS, OUTPUTS, PREDICTION_COLUMNS, dvc_plots
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
@@ -58,3 +60,44 @@ def test_stage_declares_exactly_the_code_it_imports(stage):
     assert declared == code_closure(script), (
         f"missing: {sorted(code_closure(script) - declared)}, extra: {sorted(declared - code_closure(script))}"
     )
+
+
+# --- each model's files: dvc.yaml declares what imgclf.schema names ----------------------------
+
+def _declared_paths(entries: list) -> list[str]:
+    # An entry is a path, or a one-key mapping of a path to its flags (cache: false, ...).
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_per_model_stage_declares_exactly_the_files_the_schema_names(stage):
+    spec = STAGES[stage]["do"]
+    for kind in ("outs", "metrics", "plots"):
+        expected = [o.dvc_path() for o in OUTPUTS if o.stage == stage and o.declared == kind]
+        assert sorted(_declared_paths(spec.get(kind, []))) == sorted(expected), f"{stage} {kind}"
+    # Metrics and plots are git-tracked, so `dvc metrics diff` needs no pull.
+    for entry in spec.get("metrics", []) + spec.get("plots", []):
+        assert isinstance(entry, dict) and next(iter(entry.values())) == {"cache": False}, entry
+
+
+def test_every_schema_file_is_declared_by_a_stage_that_exists():
+    assert {o.stage for o in OUTPUTS} <= set(STAGES)
+    assert len({(o.under_models, o.file) for o in OUTPUTS}) == len(OUTPUTS)  # no file named twice
+
+
+# --- `dvc plots`: the curves and confusion matrix of every model under `models` -----------------
+
+def test_top_level_plots_follow_the_models_keys():
+    models = list(yaml.safe_load((ROOT / "params.yaml").read_text())["models"])
+    expected = dvc_plots(models)
+    assert yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] == expected, (
+        "dvc.yaml's top-level plots must draw exactly the models under `models`:\n"
+        + yaml.safe_dump({"plots": expected}, sort_keys=False))
+
+
+def test_plots_draw_columns_the_files_have():
+    for entry in dvc_plots(["m"]):
+        (spec,) = entry.values()
+        (path, y), = spec["y"].items()
+        columns = HISTORY_COLUMNS if path.endswith(HISTORY) else PREDICTION_COLUMNS
+        assert {spec["x"], *([y] if isinstance(y, str) else y)} <= set(columns), entry

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # 3,000 training images and a small CNN: half a second an epoch on one thread, so after the
 # first epoch's log line there is well over a second of training left to interrupt, and the
 # three pipeline runs this file needs stay quick (process start-up and MLflow dominate them).
-TRAIN = {"epochs": 4, "batch_size": 32, "lr": 0.05, "eval_batch_size": 500, "threads": 1}
+TRAIN = {"epochs": 4, "batch_size": 32, "lr": 0.05, "threads": 1}
 MODELS = {"cnn": {"arch": "cnn", "channels": [16, 32], "hidden": 64, "dropout": 0.1}}
 OUTPUT_DIRS = ("data", "models", "metrics", "reports")
 INTERRUPTED = "error: interrupted; outputs of this stage were left as they were"

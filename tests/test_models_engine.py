@@ -1,5 +1,6 @@
 """Models, losses and the training engine: behaviour a user relies on."""
 
+import inspect
 import math
 import pickle
 
@@ -8,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from fixtures import toy_images
-from imgclf import checkpoint
+from imgclf import checkpoint, config
 from imgclf.config import Augment, CNNConfig, MLPConfig, TrainConfig
 from imgclf.engine import Plan, fit, make_loss, make_optimizer, make_schedule, predict
 from imgclf.errors import DataError, TrainingError
-from imgclf.models import CNN, MLP, Classifier, build_model, count_parameters
+from imgclf.models import CNN, MLP, MODULES, Classifier, build_model, count_parameters
 from imgclf.runtime import configure, resolve_device
 from imgclf.transforms import Normalizer, augment
 
@@ -30,11 +31,29 @@ def _train_cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("cfg", [MLP_CFG, CNN_CFG])
+# Every model of the shipped params.yaml, so every architecture a user can pick is built below.
+SHIPPED = {name: config.load_model(name) for name in config.model_names()}
+
+
+def test_every_architecture_has_a_module_and_a_shipped_example():
+    # A config class alone registers an architecture; without its @builds module, or without a
+    # key in params.yaml using it, nothing below would ever build it.
+    assert set(MODULES) == set(config.ARCHITECTURES)
+    assert {cfg.arch for cfg in SHIPPED.values()} == set(config.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(config.ARCHITECTURES))
+def test_module_takes_exactly_its_configs_fields(arch):
+    fields = set(config.ARCHITECTURES[arch].model_fields) - {"arch", "train"}
+    params = set(inspect.signature(MODULES[arch]).parameters)
+    assert params == fields | {"in_shape", "num_classes", "log_probs"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 @pytest.mark.parametrize("log_probs", [False, True])
-def test_forward_shape_and_finite(cfg, shape, log_probs):
-    model = build_model(cfg, shape, 10, log_probs=log_probs).eval()
+def test_forward_shape_and_finite(name, shape, log_probs):
+    model = build_model(SHIPPED[name], shape, 10, log_probs=log_probs).eval()
     out = model(torch.randn(5, *shape))
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     if log_probs:
@@ -52,6 +71,16 @@ def test_mlp_sees_a_vector_cnn_sees_a_grid():
 def test_cnn_refuses_more_pooling_than_the_image_allows():
     with pytest.raises(ValueError, match="shrink a 8x8 image to nothing"):
         CNN((1, 8, 8), 10, [4, 4, 4, 4], hidden=8)
+
+
+@pytest.mark.parametrize("kind", config.LOSSES)
+def test_every_allowed_loss_trains(kind):
+    # train.loss accepts exactly config.LOSSES: each must have an implementation whose gradient flows.
+    out = torch.randn(8, 4).requires_grad_()
+    model_out = torch.log_softmax(out, dim=1) if kind == "nll" else out
+    loss = make_loss(kind, 0.1)(model_out, torch.randint(0, 4, (8,)))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and out.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -104,7 +133,8 @@ def _fit(cfg, model_cfg=CNN_CFG, improvements=None, device="cpu"):
     model = build_model(model_cfg, (1, 12, 12), 4, log_probs=cfg.loss == "nll").to(device)
     x, y = (t.to(device) for t in toy_images())
     vx, vy = (t.to(device) for t in toy_images(32, seed=1))
-    plan = Plan(cfg, Normalizer([0.2], [0.3]).to(device), augment=SHIFT_AND_FLIP if cfg.augment else None)
+    plan = Plan(cfg, Normalizer([0.2], [0.3]).to(device), augment=SHIFT_AND_FLIP if cfg.augment else None,
+                eval_batch_size=64)
     hist = fit(model, (x, y), (vx, vy), plan,
                on_improve=lambda r: improvements.append(r.epoch) if improvements is not None else None)
     return model, hist
@@ -200,9 +230,9 @@ def test_checkpoint_bytes_do_not_depend_on_when_or_where_saved(tmp_path):
 def test_a_model_trained_on_flips_is_judged_on_both_views_and_one_trained_without_on_one():
     cfg = _train_cfg()
     norm = Normalizer([0.2], [0.3])
-    assert Plan(cfg, norm, augment=SHIFT_AND_FLIP).flip_average
-    assert not Plan(cfg, norm, augment=Augment(shift=2, flip=False)).flip_average  # digits
-    assert not Plan(cfg, norm, augment=None).flip_average  # train.augment false
+    assert Plan(cfg, norm, augment=SHIFT_AND_FLIP, eval_batch_size=64).flip_average
+    assert not Plan(cfg, norm, augment=Augment(shift=2, flip=False), eval_batch_size=64).flip_average  # digits
+    assert not Plan(cfg, norm, augment=None, eval_batch_size=64).flip_average  # train.augment false
     torch.manual_seed(0)
     model = build_model(CNN_CFG, (1, 28, 28), 10, log_probs=False).eval()
     pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)

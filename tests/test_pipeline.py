@@ -48,6 +48,22 @@ def test_first_repro_runs_every_stage_and_writes_outputs(project):
     assert (repo / "reports/report.md").read_text().count("figures/") >= 3
 
 
+def test_dvc_plots_show_draws_curves_and_confusion_of_every_model(project):
+    # tests/fixtures.py writes the copy's top-level plots for its own `models` keys, as
+    # imgclf.schema.dvc_plots gives them (and tests/test_dvc_yaml.py requires of dvc.yaml).
+    shown = json.loads(project.run("dvc", "plots", "show", "--json").stdout)
+    assert not shown.get("errors"), shown["errors"]
+    expected = {
+        "loss": {f"{m}/history.csv::{f}" for m in project.models for f in ("train/loss", "val/loss")},
+        "accuracy": {f"{m}/history.csv::{f}" for m in project.models for f in ("train/accuracy", "val/accuracy")},
+        "confusion": {f"{m}/predictions.csv" for m in project.models},
+    }
+    for plot, series in expected.items():
+        values = shown["data"][plot][0]["content"]["data"]["values"]
+        # DVC names each series by file (and field) below the files' common folder, metrics/.
+        assert {v.get("filename::field", v.get("filename")) for v in values} == series, plot
+
+
 def test_second_repro_runs_nothing(project):
     assert project.repro() == set()
     status = project.run("dvc", "status").stdout

@@ -149,10 +149,15 @@ def test_random_documents_fail_only_with_one_line_config_errors(document):
     check_every_loader(document)
 
 
+# Every registered architecture and every key any of them takes, so a new one is exercised too.
+ARCHS = sorted(config.ARCHITECTURES)
+ARCH_KEYS = sorted({key for cls in config.ARCHITECTURES.values() for key in cls.model_fields})
+
+
 @PROPERTY
-@given(st.dictionaries(st.sampled_from(["mlp", "cnn", "x"]), st.dictionaries(
-    st.sampled_from(["arch", "hidden", "channels", "dropout", "batch_norm", "train", "extra"]),
-    st.one_of(st.sampled_from(["mlp", "cnn"]), json_like), max_size=6), max_size=3))
+@given(st.dictionaries(st.sampled_from([*ARCHS, "x"]), st.dictionaries(
+    st.sampled_from([*ARCH_KEYS, "extra"]),
+    st.one_of(st.sampled_from(ARCHS), json_like), max_size=6), max_size=3))
 def test_random_model_sections_fail_only_with_one_line_config_errors(models):
     # Random documents rarely reach the per-model paths (arch dispatch, train overrides).
     params = copy.deepcopy(REAL_PARAMS)

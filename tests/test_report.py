@@ -57,7 +57,7 @@ def make_outputs(root: Path, models: list[str], shape: tuple[int, int, int] = (1
                                             "parameters": 1000 * (k + 1), "epochs": 3})
         _write_json(folder / "timing.json", {"train_seconds": 12.34, "epoch_seconds": [4.1, 4.1, 4.1],
                                              "images_per_s": 3900.0, "threads": 2, "precision": "fp32",
-                                             "machine": "x86_64", "torch": "2.14.1"})
+                                             "device": "cpu", "processes": 1, "machine": "x86_64", "torch": "2.14.1"})
         _write_json(folder / "test.json", {
             "test/loss": 0.5, "test/accuracy": accuracies[name], "test/images": len(labels),
             "test/per_class_accuracy": {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(classes)}})

@@ -110,33 +110,55 @@ def test_dvc_analytics_is_off_in_the_committed_config():
     assert ConfigObj(str(ROOT / ".dvc" / "config"))["core"]["analytics"] == "false"
 
 
-def test_mlflow_ui_target_listens_on_loopback_only():
+def _mlflow_ui_recipe() -> list[str]:
     # `make -n` prints the recipe with every variable expanded, and runs nothing.
     out = subprocess.run(["make", "-n", "--no-print-directory", "mlflow-ui"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    commands = [shlex.split(line) for line in out.splitlines() if line.startswith("mlflow ui")]
+    commands = [shlex.split(line) for line in out.splitlines() if " mlflow ui " in f" {line} "]
     assert len(commands) == 1, out
-    args = commands[0]
+    return commands[0]
+
+
+def test_mlflow_ui_target_listens_on_loopback_only():
+    args = _mlflow_ui_recipe()
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert "0.0.0.0" not in (ROOT / "Makefile").read_text()
 
 
-def test_importing_tracking_switches_mlflow_telemetry_off():
-    # A clean environment: the test process itself has these set by conftest.py.
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(ROOT / "src")}
+# A clean environment: the test process itself has these set by conftest.py.
+CLEAN_ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_an_entry_point_switches_mlflow_telemetry_off_before_mlflow_is_imported():
     code = (
         "import os, sys\n"
-        "assert 'MLFLOW_DISABLE_TELEMETRY' not in os.environ\n"
-        "import imgclf.tracking\n"
+        "import imgclf.tracking, imgclf.runlog\n"
+        "assert 'MLFLOW_DISABLE_TELEMETRY' not in os.environ  # importing the library changes nothing\n"
+        "from imgclf import cli\n"
+        "def main():\n"
         # Set before mlflow is imported, which is when mlflow may read it.
-        "print('mlflow' in sys.modules, os.environ.get('MLFLOW_DISABLE_TELEMETRY'), os.environ.get('DO_NOT_TRACK'))\n"
-        "from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY\n"
-        "print(MLFLOW_DISABLE_TELEMETRY.get())\n"
+        "    print('mlflow' in sys.modules, os.environ.get('MLFLOW_DISABLE_TELEMETRY'), os.environ.get('DO_NOT_TRACK'))\n"
+        "    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY\n"
+        "    print(MLFLOW_DISABLE_TELEMETRY.get())\n"
+        "cli.run(main)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=CLEAN_ENV, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "true", "true", "True"]
+
+
+def test_the_mlflow_ui_runs_with_telemetry_off():
+    args = _mlflow_ui_recipe()
+    # The recipe runs `mlflow ui` through imgclf.cli, which sets the switch first: run that
+    # wrapper on `env` instead, to see the environment mlflow would get.
+    wrapper = args[: args.index("mlflow")]
+    assert wrapper[1:] == ["-m", "imgclf.cli"], args
+    proc = subprocess.run([sys.executable, *wrapper[1:], "env"], env=CLEAN_ENV, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    shown = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert {k: shown.get(k) for k in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")} == {
+        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
 # --- data files cannot run code ----------------------------------------------------------------
@@ -152,7 +174,7 @@ class _RunsCode:
 
 
 TINY_MLP = {
-    "train": {"epochs": 1, "lr": 0.1, "batch_size": 16, "eval_batch_size": 50, "threads": 1},
+    "train": {"epochs": 1, "lr": 0.1, "batch_size": 16, "threads": 1},
     "models": {"mlp": {"arch": "mlp", "hidden": [8]}},
 }
 

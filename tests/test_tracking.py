@@ -12,6 +12,7 @@ from imgclf.config import MLPConfig, TrainConfig
 from imgclf.data.dataset import Split
 from imgclf.errors import TrackingError
 from imgclf.models import Classifier, build_model
+from imgclf.schema import ModelFiles
 
 CLASSES = [str(i) for i in range(4)]
 
@@ -48,8 +49,8 @@ def test_logging_failure_after_training_keeps_model_and_metrics(store, monkeypat
     arch = MLPConfig(arch="mlp", hidden=[16])
     cfg = TrainConfig(seed=0, epochs=2, batch_size=16, optimizer="sgd", lr=0.05, threads=1)
     with caplog.at_level(logging.ERROR), distributed.session(cfg) as ctx:
-        training.train_model("tiny", ctx, arch=arch, cfg=cfg, experiment="t", processed_dir=processed,
-                             checkpoint_path=store / "model.pt", metrics_out=store / "metrics", src_dir=store)
+        training.train_model("tiny", ctx, arch=arch, cfg=cfg, eval_batch_size=100, experiment="t", processed_dir=processed,
+                             files=ModelFiles(store, store / "metrics"), src_dir=store)
     assert (store / "model.pt").stat().st_size > 0
     assert json.loads((store / "metrics" / "train.json").read_text())["epochs"] == 2
     assert "logging it to MLflow failed (tracking server went away)" in caplog.text

@@ -17,14 +17,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from imgclf.atomic import write_bytes
-from imgclf.config import CNNConfig, MLPConfig, model_from_dict
+from imgclf.config import LOSSES, ArchConfig, model_from_dict
 from imgclf.errors import DataError
 from imgclf.models import architecture, build_model
 
 FORMAT = 1
 
 
-def save(path: Path, model: nn.Module, *, cfg: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str,
+def save(path: Path, model: nn.Module, *, cfg: ArchConfig, meta: dict[str, Any], loss: str,
          extra: dict[str, Any]) -> None:
     state = {
         "format": FORMAT,
@@ -57,8 +57,8 @@ def _unusable(state: dict[str, Any]) -> str | None:
     weights = state.get("state_dict")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         return "state_dict is not a mapping of tensors"
-    if state.get("loss") not in ("cross_entropy", "nll"):
-        return f"loss {state.get('loss')!r} is neither 'cross_entropy' nor 'nll'"
+    if state.get("loss") not in LOSSES:
+        return f"loss {state.get('loss')!r} is not one of {', '.join(map(repr, LOSSES))}"
     shape = state.get("in_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
         return f"in_shape {shape!r} is not three positive integers"
@@ -77,7 +77,7 @@ def _unusable(state: dict[str, Any]) -> str | None:
     return None
 
 
-def load(path: Path, expected: MLPConfig | CNNConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load(path: Path, expected: ArchConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint; refuse files that are not plain data or do not fit."""
     if not path.exists():
         raise DataError(f"{path} is missing: run `dvc repro` to train it")

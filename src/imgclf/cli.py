@@ -1,4 +1,8 @@
-"""What every stage entry point shares: logging set-up and the one-line error contract."""
+"""What every entry point shares: logging set-up, no telemetry, and the one-line error contract.
+
+`python -m imgclf.cli COMMAND [ARGS...]` runs another program (the Makefile's `mlflow ui`) with
+the same environment.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,23 @@ from collections.abc import Callable
 
 from imgclf.errors import PipelineError
 
+# No usage data leaves the machine. MLflow reads these when it is first imported, so they are
+# set before any work (DVC's own switch is `core.analytics false` in .dvc/config).
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def switch_off_telemetry() -> None:
+    """Set NO_TELEMETRY in this process's environment (and its children's), unless already set."""
+    for key, value in NO_TELEMETRY.items():
+        os.environ.setdefault(key, value)
+
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage; a PipelineError becomes one line on stderr and exit status 2.
 
     IMGCLF_DEBUG=1 shows the full traceback instead.
     """
+    switch_off_telemetry()
     logging.basicConfig(
         level=os.environ.get("IMGCLF_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -41,3 +56,10 @@ def _say(line: str) -> None:
     # torchrun two processes' lines on the shared stderr could then interleave.
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m imgclf.cli COMMAND [ARGS...]")
+    switch_off_telemetry()
+    os.execvp(sys.argv[1], sys.argv[1:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -207,6 +207,12 @@ class PreprocessConfig(Section):
     seed: Annotated[int, Field(ge=0)]
 
 
+# What a model outputs decides its loss: raw scores for cross_entropy, log_softmax for nll.
+# imgclf.engine.make_loss implements each; checkpoints record which one trained the model.
+LossKind = Literal["cross_entropy", "nll"]
+LOSSES: tuple[str, ...] = get_args(LossKind)
+
+
 class TrainConfig(Section):
     seed: Annotated[int, Field(ge=0)]
     epochs: PosInt
@@ -219,10 +225,9 @@ class TrainConfig(Section):
     warmup_fraction: Fraction = 0.2
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     augment: bool = False
-    loss: Literal["cross_entropy", "nll"] = "cross_entropy"
+    loss: LossKind = "cross_entropy"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     threads: Annotated[int, Field(ge=0)] = 0
-    eval_batch_size: PosInt = 1000
     # auto: CUDA when torch sees a GPU, else CPU. Asking for cuda without one is an error.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on CUDA): same bytes out.
@@ -230,6 +235,20 @@ class TrainConfig(Section):
     # Data-parallel DDP processes on this machine (torchrun). batch_size stays the global
     # batch (split evenly across processes), so lr needs no rescaling when this changes.
     processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+    # Keys of params.yaml files from before, and where they went.
+    MOVED: ClassVar[dict[str, str]] = {
+        "eval_batch_size": "evaluate.batch_size (one batch size for the validation after each epoch "
+                           "and for the evaluate stage)",
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        moved = [key for key in cls.MOVED if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ValueError(f"{moved[0]} moved to {cls.MOVED[moved[0]]}")
+        return raw
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainConfig:
@@ -239,39 +258,74 @@ class TrainConfig(Section):
         return self
 
 
-class MLPConfig(Section):
+# Every architecture a key under `models` may name, by its `arch` value; filled in by defining
+# an ArchConfig subclass below (imgclf.models registers the nn.Module that each one builds).
+ARCHITECTURES: dict[str, type[ArchConfig]] = {}
+
+
+class ArchConfig(Section):
+    """`models.<name>`: an architecture and its constructor arguments, plus per-model `train` overrides.
+
+    A subclass is an architecture: its `arch` literal is the value params.yaml names, and its other
+    fields (all but `train`) are the keyword arguments of the nn.Module that imgclf.models builds for it.
+    Defining the subclass registers it; validation, checkpoints and error messages follow from that.
+    """
+
+    arch: str
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.arch_name()
+        if name in ARCHITECTURES:
+            raise TypeError(f"architecture {name!r} is defined twice ({ARCHITECTURES[name].__name__}, {cls.__name__})")
+        ARCHITECTURES[name] = cls
+
+    @classmethod
+    def arch_name(cls) -> str:
+        """The `arch` value that selects this architecture (its `arch: Literal[...]`)."""
+        (name,) = get_args(cls.model_fields["arch"].annotation)
+        return name
+
+    def module_args(self) -> dict[str, Any]:
+        """The nn.Module's keyword arguments: every field but `arch` and `train`."""
+        return self.model_dump(exclude={"arch", "train"})
+
+
+class MLPConfig(ArchConfig):
     arch: Literal["mlp"]
     hidden: Annotated[list[PosInt], Field(min_length=1)]
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     batch_norm: bool = False
-    train: dict[str, Any] = Field(default_factory=dict)
 
 
-class CNNConfig(Section):
+class CNNConfig(ArchConfig):
     arch: Literal["cnn"]
     channels: Annotated[list[PosInt], Field(min_length=1, max_length=4)]
     hidden: PosInt
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     batch_norm: bool = True
-    train: dict[str, Any] = Field(default_factory=dict)
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="arch")]
-# `arch` value -> its config class, read off the classes' own `arch` literals.
-ARCHITECTURES: dict[str, type[Section]] = {get_args(c.model_fields["arch"].annotation)[0]: c
-                                           for c in (MLPConfig, CNNConfig)}
+def _architecture_of(raw: Any) -> type[ArchConfig] | None:
+    arch = raw.get("arch") if isinstance(raw, dict) else None
+    # A YAML list or mapping is unhashable: check the type before looking it up.
+    return ARCHITECTURES.get(arch) if isinstance(arch, str) else None
 
 
-class _ModelHolder(Section):
-    model: ModelConfig
-
-
-def model_from_dict(raw: dict[str, Any]) -> MLPConfig | CNNConfig:
+def model_from_dict(raw: dict[str, Any]) -> ArchConfig:
     """An architecture config from a plain mapping (as stored in a checkpoint)."""
-    return _ModelHolder.model_validate({"model": raw}).model
+    config = _architecture_of(raw)
+    if config is None:
+        got = raw.get("arch") if isinstance(raw, dict) else raw
+        raise TypeError(f"arch {got!r} is not one of {', '.join(map(repr, ARCHITECTURES))}")
+    return config.model_validate(raw)
 
 
 class EvaluateConfig(Section):
+    # Images per forward pass when only predicting: the evaluate stage, and the train stage's
+    # validation after each epoch (dvc.yaml: train depends on this key alone).
     batch_size: PosInt
     top_misclassified: Annotated[int, Field(ge=0, le=1000)]
 
@@ -354,17 +408,13 @@ def _closest(word: str, options: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw: Any) -> str:
+def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> str:
     err = exc.errors(include_url=False)[0]
     # A key is shown as typed unless it holds a line break or other unprintable character.
-    loc = [str(p) if str(p).isprintable() else repr(str(p))
-           for p in err["loc"] if not (isinstance(p, str) and p in ARCHITECTURES)]
-    # Drop the wrapper field used to validate one model entry.
-    if loc and loc[0] == "model":
-        loc = loc[1:]
+    loc = [str(p) if str(p).isprintable() else repr(str(p)) for p in err["loc"]]
     path = ".".join([prefix, *loc]) if loc else prefix
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, raw, loc[:-1])
+        allowed = sorted(model.model_fields)
         return f"{path}: unknown key{_closest(loc[-1], allowed)} (allowed: {', '.join(allowed)})"
     value = err.get("input")
     if err["type"] == "missing":
@@ -376,13 +426,6 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
     return f"{path}: got {shown}: {msg[0].lower() + msg[1:]}"
 
 
-def _allowed_keys(model: type[BaseModel], raw: Any, loc: list[str]) -> list[str]:
-    if model is _ModelHolder and isinstance(raw, dict):
-        arch = raw.get("model", {}).get("arch")
-        model = ARCHITECTURES.get(arch, model) if isinstance(arch, str) else model
-    return sorted(model.model_fields)
-
-
 def load_section(key: str, model: type[S], params: dict[str, Any] | None = None) -> S:
     """Validate one section of params.yaml (`key` may be dotted) into its typed config."""
     params = read_params() if params is None else params
@@ -392,23 +435,23 @@ def load_section(key: str, model: type[S], params: dict[str, Any] | None = None)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, key, model, raw)) from None
+        raise ConfigError(_format_error(exc, key, model)) from None
 
 
-def load_model(name: str, params: dict[str, Any] | None = None) -> MLPConfig | CNNConfig:
+def load_model(name: str, params: dict[str, Any] | None = None) -> ArchConfig:
     """The architecture config of `models.<name>`."""
     params = read_params() if params is None else params
     raw = _section(params, f"models.{name}", PARAMS_FILE.name)
     if not isinstance(raw, dict):
         raise ConfigError(f"models.{_shown(name)}: expected a mapping, got {raw!r}")
-    # A YAML list or mapping is unhashable: check the type before looking it up.
-    if not (isinstance(raw.get("arch"), str) and raw["arch"] in ARCHITECTURES):
+    config = _architecture_of(raw)
+    if config is None:
         raise ConfigError(f"models.{_shown(name)}.arch: got {raw.get('arch')!r}: "
                           f"must be one of {', '.join(map(repr, ARCHITECTURES))}")
     try:
-        return _ModelHolder.model_validate({"model": raw}).model
+        return config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, f"models.{_shown(name)}", _ModelHolder, {"model": raw})) from None
+        raise ConfigError(_format_error(exc, f"models.{_shown(name)}", config)) from None
 
 
 def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
@@ -424,9 +467,9 @@ def load_train(name: str, params: dict[str, Any] | None = None) -> TrainConfig:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
         loc = exc.errors()[0]["loc"]
-        if loc and str(loc[0]) in model.train:
+        if (loc and str(loc[0]) in model.train) or (not loc and set(TrainConfig.MOVED) & set(model.train)):
             prefix = f"models.{_shown(name)}.train"
-        raise ConfigError(_format_error(exc, prefix, TrainConfig, merged)) from None
+        raise ConfigError(_format_error(exc, prefix, TrainConfig)) from None
 
 
 def load_dataset_name(params: dict[str, Any] | None = None) -> str:

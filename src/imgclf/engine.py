@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,7 @@ class Plan:
 
     cfg: TrainConfig
     normalize: Normalizer
+    eval_batch_size: int = field(kw_only=True)  # evaluate.batch_size: images per validation forward pass
     precision: str = "fp32"
     augment: Augment | None = None  # None: no augmentation (train.augment false)
     shard: Shard = Shard()
@@ -257,7 +258,7 @@ def fit(
             continue
         # The plain module, not the DDP wrapper: validation runs in this process alone.
         val_metrics = evaluate(model, *val, loss_fn=val_loss_fn, normalize=plan.normalize,
-                               batch_size=cfg.eval_batch_size, precision=plan.precision,
+                               batch_size=plan.eval_batch_size, precision=plan.precision,
                                flip_average=plan.flip_average)
         record = EpochRecord(epoch, lr, train_metrics, val_metrics, improved=val_metrics["loss"] < best)
         if record.improved:

@@ -13,12 +13,12 @@ import torch
 
 from imgclf import checkpoint
 from imgclf.atomic import write_json, write_text
-from imgclf.config import CNNConfig, EvaluateConfig, MLPConfig
+from imgclf.config import ArchConfig, EvaluateConfig
 from imgclf.data.dataset import load_meta, load_split
 from imgclf.engine import make_loss, predict
 from imgclf.models import Classifier
 from imgclf.runlog import Servable, input_example
-from imgclf.schema import PREDICTION_COLUMNS
+from imgclf.schema import PREDICTION_COLUMNS, Confusion, EvaluationMetrics, Mistake, ModelFiles
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -37,19 +37,21 @@ def summarize(outputs: torch.Tensor, labels: torch.Tensor, loss: float, classes:
     wrong = np.flatnonzero(pred != actual)
     # Most confident mistakes first; ties broken by index so the order is reproducible.
     order = wrong[np.lexsort((wrong, -confidence.numpy()[wrong]))][:top_k]
+    metrics: EvaluationMetrics = {
+        "test/loss": round(loss, 6),
+        "test/accuracy": round(float((pred == actual).mean()), 6),
+        "test/per_class_accuracy": {c: round(float(a), 6) for c, a in zip(classes, per_class)},
+        "test/images": int(len(actual)),
+    }
+    misclassified: list[Mistake] = [
+        {"index": int(i), "actual": classes[actual[i]], "predicted": classes[pred[i]],
+         "confidence": round(float(confidence[i]), 6)}
+        for i in order
+    ]
     return {
-        "metrics": {
-            "test/loss": round(loss, 6),
-            "test/accuracy": round(float((pred == actual).mean()), 6),
-            "test/per_class_accuracy": {c: round(float(a), 6) for c, a in zip(classes, per_class)},
-            "test/images": int(len(actual)),
-        },
+        "metrics": metrics,
         "confusion": cm.tolist(),
-        "misclassified": [
-            {"index": int(i), "actual": classes[actual[i]], "predicted": classes[pred[i]],
-             "confidence": round(float(confidence[i]), 6)}
-            for i in order
-        ],
+        "misclassified": misclassified,
         "predicted": pred,
         "confidence": confidence.numpy(),
     }
@@ -75,22 +77,22 @@ class Evaluation:
     servable: Servable
 
     @property
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> EvaluationMetrics:
         return self.result["metrics"]
 
-    def write(self, out: Path) -> list[Path]:
+    def write(self, files: ModelFiles) -> list[Path]:
         """metrics/<model>/: test.json, misclassified.json, confusion.json (returned: MLflow logs
         them) and predictions.csv."""
-        files = [out / "test.json", out / "misclassified.json", out / "confusion.json"]
-        write_json(files[0], self.metrics)
-        write_json(files[1], self.result["misclassified"])
-        write_json(files[2], {"classes": self.classes, "counts": self.result["confusion"]})
-        write_text(out / "predictions.csv",
+        confusion: Confusion = {"classes": self.classes, "counts": self.result["confusion"]}
+        write_json(files.test_metrics, self.metrics)
+        write_json(files.misclassified, self.result["misclassified"])
+        write_json(files.confusion, confusion)
+        write_text(files.predictions,
                    predictions_csv(self.labels, self.result["predicted"], self.result["confidence"], self.classes))
-        return files
+        return [files.test_metrics, files.misclassified, files.confusion]
 
 
-def evaluate_checkpoint(path: Path, arch: MLPConfig | CNNConfig, processed_dir: Path, cfg: EvaluateConfig,
+def evaluate_checkpoint(path: Path, arch: ArchConfig, processed_dir: Path, cfg: EvaluateConfig,
                         src_dir: Path) -> tuple[Evaluation, dict[str, Any]]:
     """The evaluate stage's work: the checkpoint's outputs on the test split, summarized.
     Returns the evaluation and the processed data's meta.json."""

@@ -1,4 +1,4 @@
-"""The lesson's two models, as plain `nn.Module`s with explicit constructor arguments.
+"""The lesson's models, as plain `nn.Module`s with explicit constructor arguments.
 
 MLP: the image is flattened into one vector; every hidden unit sees every pixel, so the
      first layer alone has C*H*W*hidden weights and no notion of which pixels are neighbours.
@@ -6,20 +6,39 @@ CNN: the image keeps its grid; small 3x3 filters are shared across positions (sp
      connections) and pooling halves the grid per block, so far fewer weights see more structure.
 Both use ReLU in hidden layers. With `log_probs=True` the forward pass ends in log_softmax, so
 the output is class log-probabilities (to pair with NLLLoss); otherwise it returns raw scores.
+
+An architecture is its config class (imgclf.config.ArchConfig) plus the nn.Module that `@builds`
+ties to it here: the module takes (in_shape, num_classes, <the config's fields>, log_probs).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from imgclf.config import CNNConfig, MLPConfig
+from imgclf.config import ArchConfig, CNNConfig, MLPConfig
 from imgclf.transforms import Normalizer
 
+M = TypeVar("M", bound=type[nn.Module])
+# `arch` value -> the nn.Module its config describes (filled in by @builds).
+MODULES: dict[str, type[nn.Module]] = {}
 
+
+def builds(config: type[ArchConfig]) -> Callable[[M], M]:
+    """Class decorator: the decorated nn.Module is what `config` (an ArchConfig subclass) builds."""
+
+    def register(module: M) -> M:
+        MODULES[config.arch_name()] = module
+        return module
+
+    return register
+
+
+@builds(MLPConfig)
 class MLP(nn.Module):
     def __init__(
         self,
@@ -50,6 +69,7 @@ class MLP(nn.Module):
         return torch.log_softmax(out, dim=1) if self.log_probs else out
 
 
+@builds(CNNConfig)
 class CNN(nn.Module):
     def __init__(
         self,
@@ -92,14 +112,12 @@ class CNN(nn.Module):
         return torch.log_softmax(out, dim=1) if self.log_probs else out
 
 
-def build_model(cfg: MLPConfig | CNNConfig, in_shape: tuple[int, int, int], num_classes: int, log_probs: bool) -> nn.Module:
+def build_model(cfg: ArchConfig, in_shape: tuple[int, int, int], num_classes: int, log_probs: bool) -> nn.Module:
     """The model described by `models.<name>` in params.yaml."""
-    if isinstance(cfg, MLPConfig):
-        return MLP(in_shape, num_classes, cfg.hidden, cfg.dropout, cfg.batch_norm, log_probs)
-    return CNN(in_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout, cfg.batch_norm, log_probs)
+    return MODULES[cfg.arch](in_shape, num_classes, **cfg.module_args(), log_probs=log_probs)
 
 
-def architecture(cfg: MLPConfig | CNNConfig) -> dict[str, Any]:
+def architecture(cfg: ArchConfig) -> dict[str, Any]:
     """The architecture part of a model config, as stored in checkpoints."""
     return cfg.model_dump(exclude={"train"})
 

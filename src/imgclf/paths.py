@@ -1,4 +1,7 @@
-"""Every path the pipeline uses, derived from the project root, never from the CWD."""
+"""Every path the pipeline uses, derived from the project root, never from the CWD.
+
+The files inside models/<name>/ and metrics/<name>/ are named in imgclf.schema (ModelFiles).
+"""
 
 from __future__ import annotations
 
@@ -19,22 +22,6 @@ PROCESSED_DIR = ROOT / "data" / "processed"
 MODELS_DIR = ROOT / "models"
 METRICS_DIR = ROOT / "metrics"
 REPORTS_DIR = ROOT / "reports"
-
-
-def model_dir(name: str) -> Path:
-    return MODELS_DIR / name
-
-
-# The file name of every trained model: models/<name>/model.pt.
-CHECKPOINT_NAME = "model.pt"
-
-
-def checkpoint_path(name: str) -> Path:
-    return model_dir(name) / CHECKPOINT_NAME
-
-
-def metrics_dir(name: str) -> Path:
-    return METRICS_DIR / name
 
 
 def home_root() -> Path:

@@ -45,6 +45,7 @@ from imgclf.data import images
 from imgclf.data.images import DEFAULT_RESIZE
 from imgclf.errors import ConfigError, DataError, TrackingError
 from imgclf.models import Classifier
+from imgclf.schema import CHECKPOINT, ModelFiles
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,9 @@ def workspace_checkpoint(name: str) -> Path:
     if not MODEL_NAME.fullmatch(name):
         raise ConfigError(f"--name {name!r}: use a key under `models` in params.yaml "
                           f"({MODEL_NAME_RULE}), or --model PATH for a file elsewhere")
-    path = paths.checkpoint_path(name)
+    path = ModelFiles.of(name, models_root=paths.MODELS_DIR).checkpoint
     if not path.is_file():
-        trained = sorted(p.parent.name for p in paths.MODELS_DIR.glob(f"*/{paths.CHECKPOINT_NAME}"))
+        trained = sorted(p.parent.name for p in paths.MODELS_DIR.glob(f"*/{CHECKPOINT}"))
         have = f"trained here: {', '.join(trained)}" if trained else "no model is trained here yet"
         raise DataError(f"{path} is missing ({have}); run `dvc repro`, or pass --model PATH or --model-uri URI")
     return path

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -26,20 +26,36 @@ from imgclf.atomic import atomic_dir, write_text
 from imgclf.config import ReportConfig
 from imgclf.data.dataset import Split, load_meta, load_split, source_version
 from imgclf.errors import DataError
-from imgclf.schema import HISTORY_COLUMNS, PREDICTION_COLUMNS
+from imgclf.schema import (
+    HISTORY_COLUMNS,
+    JSON_LAYOUTS,
+    PREDICTION_COLUMNS,
+    EvaluationMetrics,
+    Mistake,
+    ModelFiles,
+    Timing,
+    TrainSummary,
+    layout_problem,
+)
 
 log = logging.getLogger(__name__)
 
 _NUM = (int, float)
-_SCHEMAS: dict[str, dict[str, Any]] = {
-    "meta.json": {"dataset": str, "classes": list, "shape": list, "mean": list, "std": list,
-                  "counts": dict, "val_fraction": _NUM, "seed": int},
-    "train.json": {"best_epoch": int, "val/accuracy": _NUM, "parameters": int},
-    "timing.json": {"train_seconds": _NUM, "images_per_s": _NUM, "threads": int, "precision": str, "torch": str},
-    "test.json": {"test/loss": _NUM, "test/accuracy": _NUM, "test/per_class_accuracy": dict, "test/images": int},
-    "confusion.json": {"classes": list, "counts": list},
-    "misclassified.json": {},
-}
+
+
+class _Meta(TypedDict):
+    """The keys the report reads from data/processed/meta.json (the preprocess stage writes more)."""
+
+    dataset: str
+    classes: list
+    shape: list
+    mean: list
+    std: list
+    counts: dict
+    val_fraction: float
+    seed: int
+
+
 # Past this many classes a figure per class (samples, per-class bars, confusion matrix) is no
 # longer readable: the report shows the hardest classes and the most confused pairs instead.
 MANY_CLASSES = 30
@@ -52,11 +68,11 @@ class ModelResults:
 
     name: str
     history: pd.DataFrame
-    train: dict[str, Any]
-    timing: dict[str, Any]
-    test: dict[str, Any]
+    train: TrainSummary
+    timing: Timing
+    test: EvaluationMetrics
     confusion: np.ndarray
-    misclassified: list[dict[str, Any]]
+    misclassified: list[Mistake]
     predicted: np.ndarray  # class index per test image, in test-set order
 
 
@@ -87,15 +103,10 @@ def _bad(path: Path, problem: str) -> DataError:
     return DataError(f"{path}: {problem}; run `dvc repro` to regenerate it")
 
 
-def _check(path: Path, data: Any) -> Any:
-    schema = _SCHEMAS[path.name]
-    if schema and not isinstance(data, dict):
-        raise _bad(path, f"expected a JSON object, got {type(data).__name__}")
-    for key, kind in schema.items():
-        if key not in data:
-            raise _bad(path, f"missing key {key!r}")
-        if not isinstance(data[key], kind) or isinstance(data[key], bool):
-            raise _bad(path, f"{key!r} has the wrong type ({type(data[key]).__name__})")
+def _check(path: Path, data: Any, layout: type | None) -> Any:
+    problem = layout_problem(layout, data) if layout is not None else None
+    if problem:
+        raise _bad(path, problem)
     return data
 
 
@@ -110,7 +121,8 @@ def _parse(path: Path, parse: Callable[[Path], Any]) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    return _check(path, _parse(path, lambda p: json.loads(p.read_text(encoding="utf-8"))))
+    """A model's JSON file, checked against its layout (imgclf.schema) where its top level is an object."""
+    return _check(path, _parse(path, lambda p: json.loads(p.read_text(encoding="utf-8"))), JSON_LAYOUTS.get(path.name))
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -123,34 +135,33 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def _load_model(name: str, folder: Path, classes: list[str], test: Split) -> ModelResults:
+def _load_model(name: str, files: ModelFiles, classes: list[str], test: Split) -> ModelResults:
     index = {c: i for i, c in enumerate(classes)}
-    history = _read_csv(folder / "history.csv", HISTORY_COLUMNS)
+    history = _read_csv(files.history, HISTORY_COLUMNS)
     if not all(pd.api.types.is_numeric_dtype(history[c]) for c in HISTORY_COLUMNS):
-        raise _bad(folder / "history.csv", "has non-numeric values")
-    metrics = _read_json(folder / "test.json")
+        raise _bad(files.history, "has non-numeric values")
+    metrics = _read_json(files.test_metrics)
     per_class = metrics["test/per_class_accuracy"]
     if set(per_class) != set(classes) or not all(isinstance(v, _NUM) for v in per_class.values()):
-        raise _bad(folder / "test.json", "expected one per-class accuracy for each class of meta.json")
-    confusion = _read_json(folder / "confusion.json")
+        raise _bad(files.test_metrics, "expected one per-class accuracy for each class of meta.json")
+    confusion = _read_json(files.confusion)
     try:
         counts = np.asarray(confusion["counts"], dtype=np.int64)
     except (TypeError, ValueError):
         counts = np.zeros(0)
     if confusion["classes"] != classes or counts.shape != (len(classes), len(classes)):
-        raise _bad(folder / "confusion.json", f"expected a {len(classes)}x{len(classes)} matrix of meta.json's classes")
-    mistakes = _read_json(folder / "misclassified.json")
+        raise _bad(files.confusion, f"expected a {len(classes)}x{len(classes)} matrix of meta.json's classes")
+    mistakes = _read_json(files.misclassified)
     if not isinstance(mistakes, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("index"), int) and 0 <= m["index"] < len(test.labels)
-            and m.get("actual") in index and m.get("predicted") in index
-            and isinstance(m.get("confidence"), _NUM) for m in mistakes):
-        raise _bad(folder / "misclassified.json", "expected a list of {index, actual, predicted, confidence}")
-    predictions = _read_csv(folder / "predictions.csv", PREDICTION_COLUMNS)
+            layout_problem(Mistake, m) is None and 0 <= m["index"] < len(test.labels)
+            and m["actual"] in index and m["predicted"] in index for m in mistakes):
+        raise _bad(files.misclassified, f"expected a list of {{{', '.join(Mistake.__annotations__)}}}")
+    predictions = _read_csv(files.predictions, PREDICTION_COLUMNS)
     named = predictions["predicted"].astype(str)
     if len(predictions) != len(test.labels) or not named.isin(index).all():
-        raise _bad(folder / "predictions.csv", f"expected {len(test.labels)} rows naming known classes")
-    return ModelResults(name=name, history=history, train=_read_json(folder / "train.json"),
-                        timing=_read_json(folder / "timing.json"), test=metrics, confusion=counts,
+        raise _bad(files.predictions, f"expected {len(test.labels)} rows naming known classes")
+    return ModelResults(name=name, history=history, train=_read_json(files.train_summary),
+                        timing=_read_json(files.timing), test=metrics, confusion=counts,
                         misclassified=mistakes, predicted=named.map(index).to_numpy(np.int64))
 
 
@@ -158,10 +169,11 @@ def load_inputs(models: list[str], processed_dir: Path, metrics_root: Path) -> R
     """Everything the report shows, checked, so that a stale or partial run fails with one line."""
     if not models:
         raise DataError("no models to report on: add one under `models` in params.yaml")
-    meta = _check(processed_dir / "meta.json", load_meta(processed_dir))
+    meta = _check(processed_dir / "meta.json", load_meta(processed_dir), _Meta)
     train = load_split(processed_dir, "train", meta)
     test = load_split(processed_dir, "test", meta)
-    results = tuple(_load_model(name, metrics_root / name, list(meta["classes"]), test) for name in models)
+    results = tuple(_load_model(name, ModelFiles.of(name, metrics_root=metrics_root), list(meta["classes"]), test)
+                    for name in models)
     log.info("report inputs: %d models, %d test images", len(results), len(test.labels))
     return ReportInputs(meta=meta, train=train, test=test, models=results)
 
@@ -170,9 +182,8 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
 
-def _epoch(summary: dict[str, Any]) -> str:
-    epochs = summary.get("epochs")
-    return f"{summary['best_epoch']} of {epochs}" if isinstance(epochs, int) else str(summary["best_epoch"])
+def _epoch(summary: TrainSummary) -> str:
+    return f"{summary['best_epoch']} of {summary['epochs']}"
 
 
 def _and(words: list[str]) -> str:

@@ -29,11 +29,6 @@ if TYPE_CHECKING:  # mlflow takes seconds to import: only stages that log pay fo
 
 log = logging.getLogger(__name__)
 
-# No usage data leaves the machine; set before mlflow is imported anywhere in the process.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-
-
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the project's SQLite store (an absolute path, so queued
     `dvc exp run`s executing in a temporary copy still write to the one database)."""

@@ -21,11 +21,11 @@ from torch import nn
 
 from imgclf import checkpoint, distributed, runlog, runtime, tracking
 from imgclf.atomic import write_json, write_text
-from imgclf.config import CNNConfig, MLPConfig, TrainConfig
+from imgclf.config import ArchConfig, TrainConfig
 from imgclf.data.dataset import Split, load_meta, load_split
 from imgclf.engine import EpochRecord, Plan, fit
 from imgclf.models import Classifier, build_model, count_parameters
-from imgclf.schema import HISTORY_COLUMNS
+from imgclf.schema import HISTORY_COLUMNS, ModelFiles, Timing, TrainSummary
 from imgclf.transforms import Normalizer, augmentation_of
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Inputs:
     val: Split
 
     @classmethod
-    def load(cls, processed_dir: Path, ctx: distributed.Context, cfg: TrainConfig, arch: MLPConfig | CNNConfig) -> Inputs:
+    def load(cls, processed_dir: Path, ctx: distributed.Context, cfg: TrainConfig, arch: ArchConfig) -> Inputs:
         meta = load_meta(processed_dir)
         train, val = load_split(processed_dir, "train", meta), load_split(processed_dir, "val", meta)
         distributed.check_same_inputs(
@@ -63,7 +63,7 @@ class Inputs:
         return runtime.place(torch.from_numpy(split.images), device), runtime.place(torch.from_numpy(split.labels), device)
 
 
-def build(arch: MLPConfig | CNNConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distributed.Context) -> nn.Module:
+def build(arch: ArchConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distributed.Context) -> nn.Module:
     """The untrained model on this process's device, seeded alike on every process."""
     model = build_model(arch, tuple(meta["shape"]), len(meta["classes"]), log_probs=cfg.loss == "nll")
     # channels_last: faster convolutions with oneDNN on CPUs and with tensor cores on GPUs.
@@ -79,7 +79,7 @@ class BestCheckpoint:
     """on_improve for `fit`: saved at every improvement, so an interrupted run still leaves its
     best model so far."""
 
-    def __init__(self, path: Path, model: nn.Module, arch: MLPConfig | CNNConfig, meta: dict[str, Any], loss: str,
+    def __init__(self, path: Path, model: nn.Module, arch: ArchConfig, meta: dict[str, Any], loss: str,
                  flip_average: bool):
         self.path, self.model, self.arch, self.meta, self.loss = path, model, arch, meta, loss
         self.flip_average = flip_average
@@ -101,15 +101,15 @@ def train_model(
     name: str,
     ctx: distributed.Context,
     *,
-    arch: MLPConfig | CNNConfig,
+    arch: ArchConfig,
     cfg: TrainConfig,
+    eval_batch_size: int,
     experiment: str,
     registered_model: str | None = None,
     processed_dir: Path,
-    checkpoint_path: Path,
-    metrics_out: Path,
+    files: ModelFiles,
     src_dir: Path,
-) -> dict[str, Any] | None:
+) -> TrainSummary | None:
     """Train one model in this process (`ctx` from imgclf.distributed.session). Returns what
     train.json records (best epoch, its validation figures), or None on a non-writing process."""
     inputs = Inputs.load(processed_dir, ctx, cfg, arch)
@@ -122,7 +122,8 @@ def train_model(
     meta, device = inputs.meta, ctx.device
     model = build(arch, cfg, meta, ctx)
     plan = Plan(cfg, Normalizer(meta["mean"], meta["std"]).to(device), runtime.resolve_precision(cfg.precision, device),
-                augment=augmentation_of(meta) if cfg.augment else None, shard=ctx.shard, validate=ctx.is_writer)
+                augment=augmentation_of(meta) if cfg.augment else None, shard=ctx.shard, validate=ctx.is_writer,
+                eval_batch_size=eval_batch_size)
     net = distributed.wrap(model, ctx)
     # Each split is placed once (imgclf.runtime.place); batches are gathered from it.
     train, val = inputs.tensors(inputs.train, device), inputs.tensors(inputs.val, device)
@@ -133,15 +134,15 @@ def train_model(
     log.info("%s: %s, %d parameters, %s, %s, %d threads per process, %d process(es) x %d images per step", name,
              arch.arch.upper(), facts["model.parameters"], facts["train.device_used"], plan.precision, threads,
              ctx.world_size, facts["train.batch_per_process"])
-    best = BestCheckpoint(checkpoint_path, model, arch, meta, cfg.loss, plan.flip_average)
+    best = BestCheckpoint(files.checkpoint, model, arch, meta, cfg.loss, plan.flip_average)
     params = {**runlog.flatten("train", cfg.model_dump()), **runlog.flatten("model", arch.model_dump(exclude={"train"})),
               **runlog.flatten("data", {k: meta[k] for k in ("dataset", "val_fraction", "seed", "counts")}), **facts}
     with runlog.training_run(experiment_id, name, params, meta):
         started = time.perf_counter()
         history = fit(model, train, val, plan, on_improve=best, on_epoch=runlog.log_epoch, train_module=net)
         train_seconds = time.perf_counter() - started
-        summary = write_outputs(metrics_out, history, best.record, facts, train_seconds, len(inputs.train.labels))
-        runlog.log_trained(checkpoint_path, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
+        summary = write_outputs(files, history, best.record, facts, train_seconds, len(inputs.train.labels))
+        runlog.log_trained(files.checkpoint, best.servable(inputs.val.images, src_dir), best.record, train_seconds)
     log.info("%s: best epoch %d, val/loss %.4f, val/accuracy %.4f, %.1fs", name, best.record.epoch,
              best.record.val["loss"], best.record.val["accuracy"], train_seconds)
     return summary
@@ -160,11 +161,11 @@ def run_facts(model: nn.Module, plan: Plan, threads: int, ctx: distributed.Conte
     }
 
 
-def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
-                  train_seconds: float, n_train: int) -> dict[str, Any]:
+def write_outputs(files: ModelFiles, history: list[EpochRecord], best: EpochRecord, facts: dict[str, Any],
+                  train_seconds: float, n_train: int) -> TrainSummary:
     """history.csv and train.json (byte-reproducible) and timing.json (varies run to run);
     returns train.json's content."""
-    summary = {
+    summary: TrainSummary = {
         "best_epoch": best.epoch,
         "val/loss": round(best.val["loss"], 6),
         "val/accuracy": round(best.val["accuracy"], 6),
@@ -172,7 +173,7 @@ def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochReco
         "epochs": len(history),
     }
     epoch_seconds = [r.train["seconds"] for r in history]
-    timing = {
+    timing: Timing = {
         "train_seconds": round(train_seconds, 3),
         "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "images_per_s": round(n_train * len(history) / sum(epoch_seconds), 1),
@@ -183,7 +184,7 @@ def write_outputs(metrics_out: Path, history: list[EpochRecord], best: EpochReco
         "machine": runtime.describe_machine(),
         "torch": torch.__version__,
     }
-    write_text(metrics_out / "history.csv", history_csv(history))
-    write_json(metrics_out / "train.json", summary)
-    write_json(metrics_out / "timing.json", timing)
+    write_text(files.history, history_csv(history))
+    write_json(files.train_summary, summary)
+    write_json(files.timing, timing)
     return summary
