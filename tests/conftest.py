@@ -19,11 +19,9 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# The longest files first, so that none starts last while the other workers run out of work
-# (`make test` hands whole files to the workers in this order: --dist loadfile and
-# --no-loadscope-reorder); test_real_data.py, a file of one test, goes last, since a worker
-# takes the next file along to finish its last test. Speed only: each file builds or fetches
-# what it needs (tests/builds.py), so any order passes (--shuffle-files checks it).
+# Longest files first, so none starts last while the other worker idles (`make test`: --dist
+# loadfile, --no-loadscope-reorder); test_real_data.py (one test) last, as a worker takes the
+# next file along to finish a file's last test. Speed only: any order passes (--shuffle-files).
 LONGEST_FIRST = (
     "test_team.py", "test_pipeline.py", "test_tracking_server.py", "test_mlflow_ui.py",
     "test_image_folder_workflow.py", "test_registry.py", "test_s3.py", "test_interrupt.py", "test_distributed.py",
