@@ -16,7 +16,7 @@ help:
 	@echo "make repro      set up .venv and run the whole pipeline (dvc repro)"
 	@echo "make pull       set up .venv and fetch data, models and run cache from the DVC remote"
 	@echo "make test       set up .venv and run the whole test suite"
-	@echo "make test-fast  the tests not marked slow"
+	@echo "make test-fast  the tests that run no pipeline, server or browser (a few minutes)"
 	@echo "make lint       ruff check (the rules in pyproject.toml)"
 	@echo "make mlflow-ui  browse the runs at http://127.0.0.1:5000"
 	@echo "make mlflow-server  the team tracking server (set MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY; see docs/mlflow.md)"
@@ -59,19 +59,15 @@ repro: venv data-source
 pull: venv
 	$(BIN)/python -m imgclf.pull $(PULL_ARGS)
 
-# Test files run in parallel, one file per worker at a time, longest first (tests/conftest.py;
-# module fixtures such as a trained tiny project are shared within a file). One worker per CPU:
-# the suite is CPU-bound (a third worker on 2 cores made it slower: 1,050 s of pytest against
-# 823 s on a fresh clone, 2026-12-01; no faster once each test trains with one thread: 574
-# against 570 s, AVX2 kernels forced on a Zen 5, 2026-12-02), most of
-# it process start-up (torch, MLflow) in the tiny pipelines' stages, not compute.
-TEST_WORKERS ?= auto
 lint: venv
 	$(BIN)/ruff check .
 
+# One worker per CPU (the tests are CPU-bound), whole files each, in tests/conftest.py's order.
+TEST_WORKERS ?= auto
 test: venv data-source
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+# The inner loop: no pipeline run, server or browser (the `slow` marker, pyproject.toml).
 test-fast: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 

@@ -158,6 +158,17 @@ def make_project(base: Path, update_params) -> Project:
     copy_repo(repo)
     set_params(repo, update_params)
     plots_follow_models(repo)
+    env = project_env(base)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "test copy"], cwd=repo, env=env, check=True)
+    return Project(repo, env)
+
+
+def project_env(base: Path) -> dict[str, str]:
+    """The environment of the project in base/repo: this interpreter first, the copy's own
+    code and its own MLflow store (base/mlflow.db), a git identity."""
+    repo = base / "repo"
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -169,10 +180,7 @@ def make_project(base: Path, update_params) -> Project:
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.org",
     }
     env.pop("IMGCLF_DEBUG", None)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "test copy"], cwd=repo, env=env, check=True)
-    return Project(repo, env)
+    return env
 
 
 # Params that make the whole pipeline run in about 50 s on the tiny data set (both models, 2 cores).

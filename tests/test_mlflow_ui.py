@@ -1,12 +1,12 @@
 """Comparing runs in the MLflow UI, in a real browser.
 
 The team server (scripts/mlflow_server.sh over HTTPS, authenticated, on a throwaway
-PostgreSQL and a free loopback port) holds the runs test_tracking_server.py made as a user
-allowed to EDIT (tests/shared.py): the tiny pipeline's CNN as committed (train.lr 0.05), then
-two queued DVC experiments with train.lr 0.03 and 0.04. Headless Chromium, trusting the
-server's certificate and logged in as a user allowed to READ, opens the experiment page and
-the comparison page of the committed run and the 0.04 experiment's, as a person following
-README's "Comparing runs in MLflow" would, and checks what is on the screen. The comparison
+PostgreSQL and a free loopback port) gets the runs of a tiny project (the CNN alone) logging
+to it as a user allowed to EDIT: the pipeline as committed (train.lr 0.05), then a DVC
+experiment with train.lr 0.04. Headless Chromium, trusting the server's certificate and
+logged in as a user allowed to READ, opens the experiment page and the comparison page of
+the two runs, as a person following README's "Comparing runs in MLflow" would, and checks
+what is on the screen. The comparison
 page's screenshot goes to the test's temporary folder; with
 IMGCLF_SCREENSHOT=docs/mlflow-compare.png set it also refreshes README's picture (tests never
 write into the checkout by default).
@@ -18,13 +18,16 @@ import base64
 import json
 import os
 import urllib.parse
+from dataclasses import dataclass
 
 import pytest
 
 from browser import BrowserUnavailable, spki_pin, start_chromium
-from fixtures import ROOT
+from dvcqueue import EXPERIMENT
+from fixtures import ONE_MODEL, ROOT, tiny_project
+from remotes import commit_all
+from teamserver import start_team_server
 
-EXPERIMENT = "fashion-mnist-lesson"
 WAIT = 60  # seconds for the single-page app to show something; it usually takes one or two
 
 # Every row of every table on the page, as lists of cell texts (header cells included): the
@@ -50,8 +53,44 @@ return Array.from(document.querySelectorAll('div[style*="position: absolute"]'))
 """
 
 
-VIEWER = "reader"  # READ on the experiment (tests/shared.py)
-COMPARED = 0.04  # the queued experiment's train.lr compared with the committed run's
+VIEWER = "reader"  # READ on the experiment
+COMPARED = 0.04  # the experiment's train.lr compared with the committed run's (0.05)
+
+
+@pytest.fixture(scope="module")
+def https_team_server(postgres, tmp_path_factory, request):
+    """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
+    editor (EDIT) who logs the runs, and the viewer (READ), added the way `make mlflow-user` does."""
+    return start_team_server(postgres, tmp_path_factory.mktemp("server"), request, tls=True,
+                             users={"editor": "EDIT", VIEWER: "READ"})
+
+
+@dataclass(frozen=True)
+class ComparedRuns:
+    committed: set[str]  # the run ids on the server after the committed params' pipeline
+    experiment: str  # the DVC experiment with train.lr COMPARED
+
+
+@pytest.fixture(scope="module")
+def compared_runs(https_team_server, tmp_path_factory):
+    """The tiny pipeline (the CNN alone) as committed, then `dvc exp run -S train.lr=COMPARED`,
+    both logging to the team server as the editor."""
+    from mlflow import MlflowClient
+
+    server, name = https_team_server, "lr-004"
+    with tiny_project(tmp_path_factory.mktemp("ui"), models=ONE_MODEL) as proj:
+        proj.env.update(server.env("editor"))
+        proj.repro()
+        commit_all(proj, "tiny pipeline trained against the server")
+        # The client reads the CA and the editor's credentials from the environment.
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in server.env("editor").items():
+                patch.setenv(key, value)
+            client = MlflowClient(tracking_uri=server.url)
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            committed = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+        proj.run("dvc", "exp", "run", "-n", name, "-S", f"train.lr={COMPARED}")
+    return ComparedRuns(committed, name)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +154,7 @@ def _row(rows: list[list[str]], label: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_compares_two_learning_rates(logged_in, queued_runs, https_team_server, tmp_path, monkeypatch):
+def test_mlflow_ui_compares_two_learning_rates(logged_in, compared_runs, https_team_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     browser, server = logged_in, https_team_server
@@ -124,11 +163,10 @@ def test_mlflow_ui_compares_two_learning_rates(logged_in, queued_runs, https_tea
     client = MlflowClient(tracking_uri=server.url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     everything = client.search_runs([experiment.experiment_id])
-    (compared,) = [name for name, lr in queued_runs.experiments.items() if lr == pytest.approx(COMPARED)]
-    committed = [r for r in everything if r.info.run_id in queued_runs.before and r.data.tags["model_name"] == "cnn"]
-    queued = [r for r in everything if r.data.tags.get("dvc_exp_name") == compared]
-    assert len(committed) == len(queued) == 1, (committed, queued)
-    runs = [*committed, *queued]
+    committed = [r for r in everything if r.info.run_id in compared_runs.committed and r.data.tags["model_name"] == "cnn"]
+    changed = [r for r in everything if r.data.tags.get("dvc_exp_name") == compared_runs.experiment]
+    assert len(committed) == len(changed) == 1, (committed, changed)
+    runs = [*committed, *changed]
     assert [r.data.params["train.lr"] for r in runs] == ["0.05", str(COMPARED)]
     lr = {r.info.run_id: r.data.params["train.lr"] for r in runs}
     accuracy = {r.info.run_id: r.data.metrics["test/accuracy"] for r in runs}

@@ -8,17 +8,22 @@ import json
 import pytest
 import yaml
 
+from builds import copy_built_project, tiny_pipeline
 from fixtures import TINY, git, set_params
 from imgclf import checkpoint
 from imgclf.dvcfiles import stages_in
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
-def project(tiny_pipeline):
-    """The tiny pipeline run once from scratch (tests/shared.py; test_team.py compares its own
-    run with this one's first outputs)."""
-    return tiny_pipeline
+def project(tmp_path_factory):
+    """This module's own copy of the tiny pipeline run once from scratch (tests/builds.py;
+    test_team.py compares its own run with the same build); `first_run`: the stages that ran."""
+    built = tiny_pipeline(tmp_path_factory)
+    proj = copy_built_project(built.base, tmp_path_factory.mktemp("e2e") / "project")
+    proj.first_run = built.ran
+    return proj
 
 
 def _stage_names():

@@ -3,7 +3,8 @@ data, models and run cache through a DVC remote (a local directory and a real SS
 
 One tiny pipeline is trained once per module (`trained`, ~30 s); every test that changes
 something works on its own copy of it, so the tests do not depend on their order. The second
-from-scratch run the reproducibility test needs is test_pipeline.py's (tests/shared.py).
+from-scratch run the reproducibility test needs is the session's tiny pipeline build
+(tests/builds.py), which test_pipeline.py works on a copy of.
 docs/team.md describes the workflow these tests exercise, with DVC's messages.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builds import tiny_pipeline
 from fixtures import ROOT, TINY, Project, set_params, tiny_project
 from imgclf.dvcfiles import stages_in
 from remotes import (
@@ -67,17 +69,18 @@ def trained(tmp_path_factory):
 
 # 1. Exact reproducibility ---------------------------------------------------------------
 
-def test_two_runs_from_scratch_record_identical_output_hashes(trained, tiny_pipeline):
-    # The other run: test_pipeline.py's project (tests/shared.py), its own copy, cache and
-    # MLflow store, as its first `dvc repro` left it; only the loopback mirror's URL differs.
-    assert tiny_pipeline.first_run == ALL_STAGES
-    first_outs, second_outs = lock_outs(trained.path), tiny_pipeline.first_outs
+def test_two_runs_from_scratch_record_identical_output_hashes(trained, tmp_path_factory):
+    # The other run: the session's tiny pipeline build (tests/builds.py), its own copy, cache
+    # and MLflow store, as its first `dvc repro` left it; only the loopback mirror's URL differs.
+    other = tiny_pipeline(tmp_path_factory, MODELS)
+    assert other.ran == ALL_STAGES
+    first_outs, second_outs = lock_outs(trained.path), other.outs
     assert set(first_outs) == set(second_outs)
     assert VARY_BY_DESIGN <= set(first_outs)
     assert len(first_outs) >= 20  # every stage's outs, not a handful
     # The same thread count in both, as the claim requires.
     trained_threads = {m: json.loads((trained.path / f"metrics/{m}/timing.json").read_text())["threads"] for m in MODELS}
-    assert trained_threads == tiny_pipeline.first_threads == {m: TINY["train"]["threads"] for m in MODELS}
+    assert trained_threads == other.threads == {m: TINY["train"]["threads"] for m in MODELS}
     differing = sorted(p for p in first_outs if p not in VARY_BY_DESIGN and first_outs[p] != second_outs[p])
     assert not differing, "outputs differ between two from-scratch runs with the same params and threads:\n" + \
         "\n".join(f"  {p}: {first_outs[p]} != {second_outs[p]}" for p in differing)

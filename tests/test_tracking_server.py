@@ -15,20 +15,20 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
 import pytest
 
-from dvcqueue import check_experiment_runs
-from fixtures import BIN, ROOT, TINY
+from dvcqueue import EXPERIMENT, check_experiment_runs, run_queued
+from fixtures import BIN, ONE_MODEL, ROOT, TINY, tiny_project
 from imgclf import tracking
 from imgclf.errors import TrackingError
 from imgclf.registry import ACCURACY_TAG, CHAMPION
 from pgserver import SUPERUSER, free_port
-from teamserver import SCRIPT, TeamServer, new_secret, script_env
+from teamserver import SCRIPT, TeamServer, new_secret, script_env, start_team_server
 
-EXPERIMENT = "fashion-mnist-lesson"
 REGISTERED = "fashion-mnist-classifier"
 
 
@@ -135,16 +135,52 @@ def test_server_script_refuses_an_unsafe_setup_in_one_line(fake_mlflow, env, mes
 
 
 @pytest.fixture(scope="module")
-def server(https_team_server):
+def server(postgres, tmp_path_factory, request):
     """The script's server over HTTPS with a throwaway CA; users in PostgreSQL: the admin, an
-    editor (EDIT) and a reader (READ). Shared with test_mlflow_ui.py (tests/shared.py)."""
-    return https_team_server
+    editor (EDIT) and a reader (READ), added the way `make mlflow-user` adds them."""
+    return start_team_server(postgres, tmp_path_factory.mktemp("server"), request, tls=True,
+                             users={"editor": "EDIT", "reader": "READ"})
 
 
 @pytest.fixture(scope="module")
-def prepared(served_project):
-    """A tiny project whose data is downloaded and split, nothing trained yet (until `served_run`)."""
-    return served_project
+def prepared(tmp_path_factory):
+    """A tiny project (the CNN alone) whose data is downloaded and split, nothing trained yet
+    (until `served_run`)."""
+    with tiny_project(tmp_path_factory.mktemp("served"), models=ONE_MODEL) as proj:
+        proj.run("dvc", "repro", "preprocess")
+        yield proj
+
+
+@pytest.fixture(scope="module")
+def served_run(prepared, server):
+    """The whole tiny pipeline, logging to the team server as the editor; `ran`: its stages."""
+    prepared.env.update(server.env("editor"))
+    prepared.ran = prepared.repro()
+    return prepared
+
+
+@dataclass(frozen=True)
+class QueuedRuns:
+    experiments: dict[str, float]  # DVC experiment name -> its train.lr
+    before: set[str]  # the run ids on the server before the experiments ran
+
+
+@pytest.fixture(scope="module")
+def queued_runs(served_run, server):
+    """Two experiments (train.lr 0.03 and 0.04) queued from the committed project and run at
+    once (`dvc queue start -j 2`), both logging to the team server as the editor."""
+    from mlflow import MlflowClient
+
+    served_run.run("git", "add", "-A")
+    served_run.run("git", "commit", "-qm", "tiny pipeline trained against the server")
+    client = MlflowClient(tracking_uri=server.url)
+    # The client reads the CA and the editor's credentials from the environment.
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in server.env("editor").items():
+            patch.setenv(key, value)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+    return QueuedRuns(run_queued(served_run, ("0.03", "0.04")), before)
 
 
 def _train_refused(prepared, env: dict[str, str]) -> str:
@@ -189,6 +225,7 @@ def test_a_server_that_would_refuse_the_run_stops_training_before_it_starts(prep
     assert _train_refused(prepared, env) == expected
 
 
+@pytest.mark.slow
 def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     password = new_secret()
     host = server.url.removeprefix("https://")
@@ -221,6 +258,7 @@ def _request(server: TeamServer, path: str, auth: tuple[str, str] | None,
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=10"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [SEARCH, "/"], ids=["REST", "UI"])
 def test_requests_without_or_with_wrong_credentials_get_401(server, path):
     for auth in (None, ("editor", new_secret()), ("nobody", new_secret())):
@@ -230,6 +268,7 @@ def test_requests_without_or_with_wrong_credentials_get_401(server, path):
     assert _request(server, path, ("editor", server.users["editor"]))[0] == 200
 
 
+@pytest.mark.slow
 def test_a_foreign_host_header_is_refused(server):
     """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 gets nothing,
     even from a browser that holds the credentials."""
@@ -364,10 +403,9 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
 
 @pytest.mark.slow
 def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(queued_runs, served_run, server, client):
-    """Two queued experiments run at once (`dvc queue start -j 2`, tests/shared.py), both
-    logging to the team server: each leaves complete runs, and the server's registry gets both
-    cnn versions. Last in this module: the tests above count the runs of the first pipeline
-    execution (test_mlflow_ui.py, which also reads these runs, comes after this file)."""
+    """Two queued experiments run at once (`dvc queue start -j 2`), both logging to the team
+    server: each leaves complete runs, and the server's registry gets both cnn versions. Last
+    in this module: the tests above count the runs of the first pipeline execution."""
     import psycopg2
 
     experiments = queued_runs.experiments
