@@ -72,6 +72,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 mlflow-ui: venv
+	@$(BIN)/python -m imgclf.tracking --ui http://127.0.0.1:5000
 	$(BIN)/python -m imgclf.cli mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The team's tracking server: PostgreSQL for runs, the registry and its users; artifacts proxied.

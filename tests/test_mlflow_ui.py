@@ -25,6 +25,7 @@ import pytest
 from browser import BrowserUnavailable, spki_pin, start_chromium
 from dvcqueue import EXPERIMENT
 from fixtures import ONE_MODEL, ROOT, tiny_project
+from imgclf import tracking
 from remotes import commit_all
 from teamserver import start_team_server
 
@@ -51,6 +52,23 @@ return Array.from(document.querySelectorAll('div[style*="position: absolute"]'))
     .sort((a, b) => a[1].left - b[1].left)
     .map(([cell, box]) => cell.innerText.trim());
 """
+
+
+# The runs table's Duration cells by run id (each row's row-id is its run id).
+DURATIONS_JS = """
+return Object.fromEntries(Array.from(document.querySelectorAll('[role="row"][row-id] [col-id="duration"]'))
+    .map(cell => [cell.closest('[role="row"]').getAttribute('row-id'), cell.innerText.trim()]));
+"""
+
+
+def _as_shown(ms: int) -> str:
+    """A duration in milliseconds as the runs table formats it (MLflow's Utils.formatDuration)."""
+    if ms < 500:
+        return f"{ms}ms"
+    for limit, unit, scale in ((60_000, "s", 1_000), (3_600_000, "min", 60_000), (86_400_000, "h", 3_600_000)):
+        if ms < limit:
+            return f"{ms / scale:.1f}{unit}"
+    return f"{ms / 86_400_000:.1f}d"
 
 
 VIEWER = "reader"  # READ on the experiment
@@ -171,14 +189,27 @@ def test_mlflow_ui_compares_two_learning_rates(logged_in, compared_runs, https_t
     lr = {r.info.run_id: r.data.params["train.lr"] for r in runs}
     accuracy = {r.info.run_id: r.data.metrics["test/accuracy"] for r in runs}
 
-    # 1. The experiment's runs, as "Model training" (not the GenAI overview) shows them: all
-    #    of them, each linking to its own page.
-    browser.get(f"{server.url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
-    _wait_for_text(browser, EXPERIMENT, "Run Name", f"{len(everything)} matching runs")
+    # 1. What a person sees first at the address `make mlflow-ui` prints: the runs table of the
+    #    experiment as model training (not MLflow 3's GenAI overview of traces and tokens), all
+    #    runs, each linking to its own page.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    browser.get(tracking.runs_page(server.url, experiment.experiment_id))
+    _wait_for_text(browser, EXPERIMENT, "Run Name", "Duration", f"{len(everything)} matching runs")
+    assert "Token Usage" not in _page_text(browser)
     assert VIEWER in _page_text(browser).splitlines()  # the account menu: logged in as the viewer
     for run_id in lr:
         _wait_until(browser, f"a link to run {run_id}",
                     lambda d, run_id=run_id: d.find_elements("css selector", f'a[href*="{run_id}"]'))
+    # Each run's duration is its training's: evaluate and report added their metrics and files
+    # after the run had ended, without reopening it (which would stretch it over them).
+    durations = _wait_until(browser, "the runs' durations",
+                            lambda d: (shown := d.execute_script(DURATIONS_JS)) and set(lr) <= set(shown) and shown)
+    for run in runs:
+        evaluated = client.get_metric_history(run.info.run_id, "test/accuracy")[0].timestamp
+        assert run.info.end_time < evaluated, "the run ended after its evaluation was logged"
+        lasted = run.info.end_time - run.info.start_time
+        assert run.data.metrics["train/seconds"] * 1000 <= lasted
+        assert durations[run.info.run_id] == _as_shown(lasted), durations
 
     # 2. The comparison page, as the Compare button opens it.
     query = urllib.parse.urlencode(

@@ -139,3 +139,22 @@ def test_evaluation_and_report_leave_the_training_runs_duration_alone(store, tmp
     listed = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     listed |= {f.path for f in client.list_artifacts(run.info.run_id, "report")}
     assert {"evaluation/confusion.json", "report/report.html", "report/report.md", "report/figures"} <= listed
+
+
+def test_make_mlflow_ui_names_the_address_of_the_runs_table(store):
+    """MLflow 3.17's UI opens experiments in its GenAI view unless the browser chose otherwise:
+    the address `make mlflow-ui` prints opens the model-training runs table (tests/test_mlflow_ui.py
+    opens it in Chromium)."""
+    import subprocess
+    import sys
+
+    def printed() -> str:
+        proc = subprocess.run([sys.executable, "-m", "imgclf.tracking", "--ui", "http://127.0.0.1:5000"],
+                              capture_output=True, text=True, check=True)
+        return proc.stdout.strip()
+
+    assert printed().startswith("MLflow UI: http://127.0.0.1:5000 (no runs in 'fashion-mnist-lesson' yet")
+    assert not (store / "mlflow.db").exists()  # looking did not create the store
+    experiment_id = tracking.setup("fashion-mnist-lesson")
+    assert printed().startswith(f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+                                "?workflowType=machine_learning ")

@@ -212,9 +212,16 @@ def _check_may_write(uri: str, name: str, experiment: str | None, registered_mod
             raise refuse(f"registered model {registered_model!r}", granted)
 
 
-# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, token usage); with
-# it, on the runs table. The value is the UI's own name for its "Machine learning" kind.
+# What this experiment is, in MLflow's own terms: its "Machine learning" kind, not GenAI. The
+# 3.17 UI files every experiment under a per-browser switch instead (GenAI until the person picks
+# "Model training"), so the address that opens the runs table is `runs_page`.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def runs_page(ui: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui`, in its model-training
+    view whatever the browser's GenAI/Model training switch says."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def setup(experiment: str, registered_model: str | None = None) -> str:
@@ -319,3 +326,32 @@ def resume_run(experiment_id: str, model_sha256: str, model_name: str, stage: st
         return
     with mlflow.start_run(run_id=run.info.run_id) as active:
         yield active.info.run_id
+
+
+def main() -> None:
+    """`python -m imgclf.tracking --ui URL`: where the project's runs are in the UI at URL (make mlflow-ui)."""
+    import argparse
+
+    import mlflow
+
+    from imgclf.config import MlflowConfig, load_section
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--ui", required=True, help="the UI's base address, e.g. http://127.0.0.1:5000")
+    ui = parser.parse_args().ui
+    name = load_section("mlflow", MlflowConfig).experiment
+    uri, found = tracking_uri(), None
+    # Looking into a SQLite store that is not there would create it: nothing to find anyway.
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///").split("?")[0]).exists():
+        mlflow.set_tracking_uri(uri)
+        found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        print(f"MLflow UI: {ui} (no runs in {name!r} yet: `dvc repro` logs them)")
+    else:
+        print(f"MLflow UI: {runs_page(ui, found.experiment_id)}  (the runs of {name!r})")
+
+
+if __name__ == "__main__":
+    from imgclf import cli
+
+    cli.run(main)
