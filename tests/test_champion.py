@@ -229,3 +229,120 @@ def test_alias_moves_only_from_where_the_comparison_began(store, name, tmp_path)
     with pytest.raises(TrackingError, match="moved from version 2 to 1 while this comparison ran"):
         champion.move_alias(client, name, "2", "2")
     assert p.champion() == "1"
+
+
+# --- imgclf-champion: by hand, and on new images -------------------------------------------------
+
+def _cli(env_uri: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONPATH": str(SRC_DIR.parent)}
+    env.pop("IMGCLF_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "imgclf.champion_cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_promote_and_roll_back_by_hand_are_recorded(store, name, tmp_path, monkeypatch):
+    import os
+
+    from imgclf import champion_cli
+    from imgclf.errors import ConfigError
+
+    processed, meta, actual = _processed(tmp_path, CLASSES, per_class=5)
+    p = Pipeline(store, name, processed, meta, actual)
+    p.evaluate({c: 4 for c in CLASSES})
+    p.evaluate({c: 3 for c in CLASSES})  # worse: kept
+    assert p.champion() == "1"
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("LOGNAME", "alice")
+    assert champion_cli.move(name, "2", "the new photos look like version 2's", "promoted") == "1"
+    assert p.champion() == "2"
+    tags = p.tags("2")
+    assert {k: v for k, v in tags.items() if k.startswith("promotion.manual.")} == {
+        "promotion.manual.action": "promoted", "promotion.manual.by": "alice",
+        "promotion.manual.reason": "the new photos look like version 2's", "promotion.manual.replaced": "1"}
+    assert tags["promotion.outcome"] == "kept"  # the automatic decision stays on record beside it
+    champion_cli.move(name, "1", "version 2 misreads the night shots", "rolled back")
+    assert p.champion() == "1" and p.tags("1")["promotion.manual.action"] == "rolled back"
+
+    # A version of another data set, an unknown version, no reason: one line each, nothing moved.
+    from mlflow import MlflowClient
+
+    MlflowClient().set_model_version_tag(name, "2", registry.DATASET_TAG, "mnist")
+    with pytest.raises(ConfigError, match="version 2 is a mnist model and the champion .version 1. a toy one"):
+        champion_cli.move(name, "2", "try it", "promoted")
+    proc = _cli(os.environ["MLFLOW_TRACKING_URI"], "promote", "7", "--reason", "why not", "--name", name)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: version 7 of {name!r} does not exist (versions: 1, 2); nothing moved")
+    with pytest.raises(ConfigError, match="--reason: say why"):
+        champion_cli.move(name, "2", "  ", "promoted")
+    assert p.champion() == "1"
+
+
+def _write_folder(root, counts: dict[str, int], first_id: int = 0):
+    """Real PNG files, class folders, each image's id in its first two pixels."""
+    from PIL import Image
+
+    i = first_id
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            pixels = _images(i + 1)[i, 0]
+            Image.fromarray(pixels, "L").save(root / cls / f"img{i:04d}.png")
+            i += 1
+    return root
+
+
+def test_score_prints_accuracy_per_class_and_logs_a_run(store, name, tmp_path):
+    import os
+
+    import mlflow
+
+    processed, meta, actual = _processed(tmp_path, CLASSES, per_class=10)
+    p = Pipeline(store, name, processed, meta, actual)
+    p.evaluate({"a": 10, "b": 9, "c": 5, "d": 10})  # version 1: champion; its table covers ids 0..39
+    # The new folder holds the same images as files: a 10, b 9, c 5 (the rest as d), d 10 right.
+    folder = _write_folder(tmp_path / "new", {c: 10 for c in CLASSES})
+    proc = _cli(os.environ["MLFLOW_TRACKING_URI"], "score", str(folder), "--name", name, "--experiment", "weekly")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == f"models:/{name}@champion (version 1) on 40 images of 4 classes in {folder}:"
+    # 34 of 40; the exact interval is Clopper-Pearson's (checked by hand in test_promotion.py).
+    assert out[1].startswith("accuracy 85.00% (95% interval 70.2% to 94.3%)")
+    # 5 of 10: the textbook Clopper-Pearson interval, 18.7% to 81.3%.
+    assert [line.split() for line in out if line.startswith("c ")] == [["c", "10", "50.00%", "18.7%", "to", "81.3%"]]
+    assert out[-1] == "most confused (actual as predicted, images): c as d 5, b as c 1"
+    runs = mlflow.search_runs(experiment_names=["weekly"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["evaluated_model"] == f"models:/{name}/1" and run.data.tags["model_version"] == "1"
+    assert run.data.metrics["new/accuracy"] == pytest.approx(0.85)
+    assert run.data.metrics["new/accuracy/c"] == pytest.approx(0.5)
+
+    # A class the model does not know, an unreadable file: one line each, no run logged.
+    (folder / "e").mkdir()
+    (folder / "e" / "x.png").write_bytes(_png_bytes())
+    proc = _cli(os.environ["MLFLOW_TRACKING_URI"], "score", str(folder), "--name", name, "--experiment", "weekly")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {folder}: class folder(s) e unknown to the model (it knows a, b, c, d); "
+        "score only classes it was trained on")
+    (folder / "e" / "x.png").unlink()
+    (folder / "e").rmdir()
+    (folder / "a" / "broken.png").write_bytes(b"not a png")
+    proc = _cli(os.environ["MLFLOW_TRACKING_URI"], "score", str(folder), "--name", name, "--experiment", "weekly")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: 1 unreadable image file(s): {folder / 'a' / 'broken.png'}: ")
+    assert len(mlflow.search_runs(experiment_names=["weekly"], output_format="list")) == 1
+
+
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
