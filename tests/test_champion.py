@@ -176,6 +176,16 @@ def test_each_challenger_gets_the_decision_the_policy_says(store, name, tmp_path
                                                       "drop": pytest.approx(-0.1)}
     table = mlflow.artifacts.load_text(f"runs:/{p.run_id}/champion/comparison.md")
     assert "| overall | 90.00% | 80.00% | +10.00" in table
+    # The report's section is built from what evaluate recorded.
+    from imgclf import champion_record, report
+
+    decision = champion_record.recorded(name, p.run_id)
+    assert decision["version"] == "5" and decision["record"] == better.record
+    section = report._to_markdown(report._champion_blocks(decision))
+    assert section.startswith("## Champion and challenger\n\nVersion 5 (cnn) against the champion, version 1, on "
+                              "the same 400 test images: promoted, significantly better (p=1.82e-12 &lt; 0.05).")
+    assert "| Overall | 90.00% | 80.00% | +10.00 (95% interval +8.24 to +10.00; McNemar p=1.82e-12) |" in section
+    assert "| d | 90.00% | 80.00% | +10.00 |" in section
     lines = [r.getMessage() for r in caplog.records if r.name == "imgclf.champion"]
     assert len(lines) == 1 and lines[0].startswith(
         "cnn version 5 vs champion version 1 on the same 400 test images: 90.00% vs 80.00%")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgclf import promotion, registry, tracking
+from imgclf.champion_record import COMPARISON_DIR
 from imgclf.config import PromotionConfig
 from imgclf.data.dataset import load_split
 from imgclf.errors import DataError, TrackingError
@@ -47,7 +48,6 @@ MANIFEST_FILE = "manifest.csv"  # written by preprocess for image folders (imgcl
 MANIFEST_ARTIFACT = "data/manifest.csv"  # where each registered version's run keeps it
 MANIFEST_TAG = "training_manifest"  # version tag: the run's artifact path, or why there is none
 BUILTIN_MANIFEST = "none: built-in data set (its official test split is never trained on)"
-COMPARISON_DIR = "champion"  # run artifacts: comparison.json, comparison.md
 LOCK_WAIT_S = 600  # another evaluation comparing against the same champion: wait for it, this long at most
 BATCH = 256
 

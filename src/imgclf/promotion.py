@@ -234,7 +234,7 @@ def summary(model_key: str, version: str, champion: str, c: Comparison, d: Decis
     return (f"{model_key} version {version} vs champion version {champion} on the same {c.compared} test images"
             f"{overlap}: {100 * c.challenger_accuracy:.2f}% vs {100 * c.champion_accuracy:.2f}%, difference "
             f"{_points(c.difference)} points ({100 * c.confidence:g}% interval {_points(low)} to {_points(high)}), "
-            f"McNemar p={c.p_value:.3g}, {worst_text}: {d.outcome} ({d.reason})")
+            f"McNemar p={c.p_value:.3g}, {worst_text}: {d.outcome}, {d.reason}")
 
 
 def tags(champion: str, c: Comparison, d: Decision, policy: PromotionConfig, test_data: str) -> dict[str, str]:
