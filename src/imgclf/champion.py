@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ def training_hashes(client: MlflowClient, version: Any) -> set[str] | None:
     records no manifest (registered by hand, before manifests were kept, or a built-in data set)."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is the stage's log
     where = version.tags.get(MANIFEST_TAG)
     if where is None and version.run_id:  # a hand-registered version of a pipeline run
         found = {a.path for a in client.list_artifacts(version.run_id, MANIFEST_ARTIFACT.rsplit("/", 1)[0])}
