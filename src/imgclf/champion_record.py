@@ -8,6 +8,7 @@ its run (`champion/comparison.json` and `.md`): MLflow state, never a DVC output
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from imgclf.errors import TrackingError
@@ -26,6 +27,7 @@ def recorded(name: str, run_id: str, client: MlflowClient | None = None) -> dict
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is the stage's log
     client = client or MlflowClient()
     try:
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

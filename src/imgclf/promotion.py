@@ -178,7 +178,7 @@ class Decision:
 
 
 def _points(x: float) -> str:
-    return f"{100 * x:+.2f}"
+    return f"{100 * x + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
 def decide(c: Comparison, policy: PromotionConfig, overlap_unknown: bool = False) -> Decision:
