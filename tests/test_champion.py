@@ -356,3 +356,47 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "L").save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_champion_without_training_manifest_is_not_replaced_automatically(store, name, tmp_path, caplog):
+    import mlflow
+
+    processed, meta, actual = _processed(tmp_path, CLASSES, per_class=20)
+    # Version 1 registered by hand: a logged model, no manifest anywhere.
+    with mlflow.start_run(experiment_id=store) as run:
+        table = _right_first(actual, {c: 10 for c in CLASSES}, CLASSES)
+        runlog.log_model(Classifier(Lookup(table, 4), [0.0], [1.0]), _images(4), SRC_DIR, CLASSES, "pad")
+    registry.register(run.info.run_id, "cnn", name, 0.5, dataset="toy")
+    p = Pipeline(store, name, processed, meta, actual)
+    with caplog.at_level(logging.WARNING, logger="imgclf.champion"):
+        result = p.evaluate({c: 20 for c in CLASSES})  # perfect, and still left to a person
+    assert (result.outcome, p.champion()) == ("manual", "1")
+    assert "records no training manifest" in result.reason
+    assert [r.getMessage() for r in caplog.records if r.name == "imgclf.champion"] == [
+        f"cnn version 2 of {name}: version 1 records no training manifest: whether it trained on today's test "
+        "images cannot be checked"]
+
+
+def test_a_second_evaluation_waits_for_the_first_to_finish_with_the_alias(store, name, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(champion, "LOCK_WAIT_S", 1)
+
+    def contender(queue):
+        try:
+            with champion.champion_lock(name):
+                queue.put("got it")
+        except TrackingError as exc:
+            queue.put(str(exc))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with champion.champion_lock(name):
+        proc = ctx.Process(target=contender, args=(queue,))
+        proc.start()
+        proc.join(30)
+        assert queue.get(timeout=5).startswith("another process has held the champion lock")
+    proc = ctx.Process(target=contender, args=(queue,))
+    proc.start()
+    proc.join(30)
+    assert queue.get(timeout=5) == "got it"
