@@ -301,7 +301,7 @@ def _champion_blocks(decision: dict[str, Any] | None) -> list[tuple[Any, ...]]:
                  f"{100 * high:+.2f}; McNemar p={c['p_value']:.3g})"]]
         rows += [[f"{cls} (new)" if f["champion"] is None else cls, _pct(f["challenger"]),
                   "n/a" if f["champion"] is None else _pct(f["champion"]),
-                  "n/a" if f["drop"] is None else f"{-100 * f['drop']:+.2f}"] for cls, f in c["per_class"].items()]
+                  "n/a" if f["drop"] is None else f"{-100 * f['drop'] + 0.0:+.2f}"] for cls, f in c["per_class"].items()]
         blocks += [("table", ["", f"Challenger (version {version})", f"Champion (version {rec['champion']})",
                               "Difference (points)"], rows, "lrrr"),
                    ("p", f"Policy: {t.get('policy', '')}. The record is on the model version (tags promotion.*) "
