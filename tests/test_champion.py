@@ -400,3 +400,62 @@ def test_a_second_evaluation_waits_for_the_first_to_finish_with_the_alias(store,
     proc.start()
     proc.join(30)
     assert queue.get(timeout=5) == "got it"
+
+
+class Brightness(nn.Module):
+    """Class k for images of mean brightness near 30 + 60k (any size): survives resizing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = (x.mean(dim=(1, 2, 3)) * 255 / 60).floor().long().clamp(0, 3)
+        return nn.functional.one_hot(k, 4).float() * 20
+
+
+def test_champion_of_another_image_size_reads_todays_files_its_own_way(store, name, tmp_path):
+    """Today's data is 12x12; the champion takes 8x8: it is scored on today's test files decoded
+    again at its size and by its resizing, not on today's arrays."""
+    import mlflow
+    from PIL import Image
+
+    root = tmp_path / "project"
+    folder = root / "data/images/shades"
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    rows, images, labels = [], [], []
+    for k, cls in enumerate(CLASSES):
+        (folder / cls).mkdir(parents=True)
+        for i in range(5):
+            rel = f"{cls}/{i}.png"
+            Image.fromarray(np.full((12, 12), 30 + 60 * k, dtype=np.uint8), "L").save(folder / rel)
+            rows.append((rel, cls, "test", f"sha-{cls}-{i}", ""))
+            images.append(np.full((1, 12, 12), 30 + 60 * k, dtype=np.uint8))
+            labels.append(k)
+    split = Split(np.stack(images), np.array(labels, dtype=np.int64))
+    meta = {"dataset": "toy", "classes": CLASSES, "shape": [1, 12, 12], "resize": "pad",
+            "source": {"kind": "dvc add", "path": "data/images/shades"}}
+    save_processed(processed, {"train": split, "val": split, "test": split}, meta)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([("path", "class", "split", "sha256", "note"), *sorted(rows)])
+    (processed / "manifest.csv").write_text(buf.getvalue())
+
+    with mlflow.start_run(experiment_id=store) as run:  # the champion: 8x8 input
+        runlog.log_model(Classifier(Brightness(), [0.0], [1.0]), np.zeros((4, 1, 8, 8), np.uint8), SRC_DIR,
+                         CLASSES, "stretch")
+    registry.register(run.info.run_id, "cnn", name, 1.0, dataset="toy")
+    from mlflow import MlflowClient
+
+    champion.record_manifest(MlflowClient(), run.info.run_id, name, "1", processed)  # trained on none of these
+    with mlflow.start_run(experiment_id=store) as run:
+        runlog.log_model(Classifier(Brightness(), [0.0], [1.0]), np.zeros((4, 1, 12, 12), np.uint8), SRC_DIR,
+                         CLASSES, "pad")
+    reg = registry.register(run.info.run_id, "cnn", name, 1.0, dataset="toy", move_alias=False)
+    evaluation = Evaluation({"predicted": np.array(labels), "metrics": {"test/accuracy": 1.0}}, np.array(labels),
+                            list(CLASSES), None)
+    result = champion.challenge(reg, run.info.run_id, "cnn", evaluation, meta, POLICY, processed, root)
+    # Version 1 read the 12x12 files at 8x8 and got every one right; today's 12x12 arrays it
+    # cannot take (its exported program's input is 8x8).
+    assert result.record["comparison"]["champion_accuracy"] == 1.0
+    from imgclf.predict import from_mlflow
+
+    with pytest.raises(Exception):  # noqa: B017 - whichever error torch.export's shape guard raises
+        champion.score(from_mlflow(f"models:/{name}/1"), split.images)
+    assert result.record["comparison"]["compared"] == 20 and result.outcome == "kept"

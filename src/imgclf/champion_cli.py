@@ -70,12 +70,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _mlflow_params(args: argparse.Namespace) -> tuple[str, str]:
-    """The registered model's name and the experiment, from the arguments or params.yaml."""
-    if args.name and getattr(args, "experiment", None):
-        return args.name, args.experiment
+def _mlflow_params(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The registered model's name and (for `score`) the experiment, from the arguments, else
+    params.yaml (read only when an argument is missing)."""
+    wants_experiment = args.command == "score"
+    if args.name and (args.experiment if wants_experiment else True):
+        return args.name, args.experiment if wants_experiment else None
     cfg = load_section("mlflow", MlflowConfig, read_params())
-    return args.name or cfg.registered_name, getattr(args, "experiment", None) or cfg.experiment
+    return args.name or cfg.registered_name, (args.experiment or cfg.experiment) if wants_experiment else None
 
 
 def _client(registered_model: str | None = None, experiment: str | None = None) -> Any:
@@ -297,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command in ("promote", "rollback"):
         move(name, args.version, args.reason, "promoted" if args.command == "promote" else "rolled back")
         return
+    assert experiment is not None  # _mlflow_params gives `score` its experiment
     result = score_folder(args.folder, name, args.version, experiment)
     label = f"models:/{name}@{registry.CHAMPION} (version {result['version']})" if args.version is None else result["model"]
     sys.stdout.write(render(label, args.folder, result))

@@ -1,8 +1,9 @@
 """The MLflow model registry: evaluated models become versions; the best one is `champion`.
 
 The evaluate stage of the model named by `mlflow.register_model` registers its run's logged
-model as a version of `mlflow.registered_name`, tags it with its test accuracy, and moves the
-alias `champion` to it only when it beats the current champion. Consumers load
+model as a version of `mlflow.registered_name` and tags it with its test accuracy; whether the
+alias `champion` moves to it is decided by imgclf.champion on the same test images (`register`
+alone keeps its older rule: a strictly higher recorded accuracy). Consumers load
 `models:/<registered_name>@champion` and never need a run id or a version number.
 """
 
