@@ -5,10 +5,11 @@ import _bootstrap  # noqa: F401  (puts this checkout's src/ first on sys.path)
 import argparse
 import logging
 
-from imgclf import cli, registry, runlog, tracking
-from imgclf.config import EvaluateConfig, MlflowConfig, load_model, load_section, model_names, read_params
+from imgclf import champion, cli, registry, runlog, tracking
+from imgclf.config import (EvaluateConfig, MlflowConfig, PromotionConfig, load_model, load_section, model_names,
+                           read_params)
 from imgclf.evaluation import evaluate_checkpoint
-from imgclf.paths import PROCESSED_DIR, SRC_DIR
+from imgclf.paths import PROCESSED_DIR, ROOT, SRC_DIR
 from imgclf.schema import ModelFiles
 
 log = logging.getLogger("evaluate")
@@ -23,6 +24,7 @@ def main() -> None:
     mlflow_cfg = load_section("mlflow", MlflowConfig, params)
     registry.check_target(mlflow_cfg.register_model, model_names(params))
     registered = mlflow_cfg.registered_as(name)
+    policy = load_section("promotion", PromotionConfig, params)
     experiment_id = tracking.setup(mlflow_cfg.experiment, registered)
     files = ModelFiles.of(name)
     evaluation, meta = evaluate_checkpoint(files.checkpoint, load_model(name, params), PROCESSED_DIR, cfg, SRC_DIR)
@@ -32,8 +34,12 @@ def main() -> None:
     m = evaluation.metrics
     log.info("%s: test/loss %.4f  test/accuracy %.4f", name, m["test/loss"], m["test/accuracy"])
     if registered is not None:
-        # After the metrics are in the run: the champion rule reads the test accuracy.
-        registry.register(run_id, name, registered, m["test/accuracy"], dataset=meta["dataset"])
+        # After the metrics are in the run. The champion is re-scored on today's test images and the
+        # policy decides (docs/champion.md); nothing of it is a DVC output (see dvc.yaml, evaluate).
+        version = registry.register(run_id, name, registered, m["test/accuracy"], dataset=meta["dataset"],
+                                    move_alias=False)
+        if version is not None:
+            champion.challenge(version, run_id, name, evaluation, meta, policy, PROCESSED_DIR, ROOT)
 
 
 if __name__ == "__main__":

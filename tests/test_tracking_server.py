@@ -400,6 +400,17 @@ def test_a_reader_may_look_and_load_the_champion_but_not_write(served_run, serve
     predictions = json.loads(proc.stdout)
     assert len(predictions) == 1, predictions
 
+    # imgclf-champion, as the reader: moving the alias by hand is refused in one line, up front.
+    proc = subprocess.run([str(BIN / "python"), "-m", "imgclf.champion_cli", "promote", str(champion.version),
+                           "--reason", "I like it", "--name", REGISTERED], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: MLflow tracking server {server.url}: user 'reader' may not write to registered model "
+        f"{REGISTERED!r} (403, has READ, needs EDIT); ask an admin for it: make mlflow-user MLFLOW_USER=reader "
+        "PERMISSION=EDIT"]
+    assert reader.get_model_version_by_alias(REGISTERED, CHAMPION).version == champion.version
+
 
 @pytest.mark.slow
 def test_queued_experiments_in_parallel_log_complete_runs_to_the_server(queued_runs, served_run, server, client):

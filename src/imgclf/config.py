@@ -335,6 +335,18 @@ class ReportConfig(Section):
     prediction_grid: Annotated[int, Field(ge=1, le=400)]
 
 
+class PromotionConfig(Section):
+    """`promotion`: when a newly evaluated model replaces the champion (imgclf.promotion). Both
+    are scored on today's test images; the challenger is promoted when the lower bound of the
+    (1 - alpha) interval of its accuracy gain exceeds -margin, unless a shared class drops by
+    more than max_class_drop."""
+
+    # Above 0.2, "significant" would let one noise-only challenger in five through.
+    alpha: Annotated[float, Field(gt=0, le=0.2, allow_inf_nan=False)] = 0.05
+    margin: Annotated[float, Field(ge=0, le=0.1, allow_inf_nan=False)] = 0.0  # accuracy, 0.01 = 1 point
+    max_class_drop: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.05
+
+
 class MlflowConfig(Section):
     experiment: Annotated[str, Field(min_length=1, max_length=200)]
     # Which key under `models` the evaluate stage registers (null: none). Whether that key
@@ -546,7 +558,9 @@ def validate_all(params: dict[str, Any] | None = None) -> list[str]:
     load_section("evaluate", EvaluateConfig, params)
     load_section("report", ReportConfig, params)
     load_section("mlflow", MlflowConfig, params)
-    sections = ("download", "datasets", "preprocess", "train", "models", "evaluate", "report", "mlflow")
+    load_section("promotion", PromotionConfig, params)
+    sections = ("download", "datasets", "preprocess", "train", "models", "evaluate", "report", "mlflow",
+                "promotion")
     unknown = sorted(set(map(str, params)) - set(sections))
     if unknown:
         raise ConfigError(f"{_shown(unknown[0])}: unknown section{_closest(unknown[0], list(sections))} "

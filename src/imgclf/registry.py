@@ -1,8 +1,9 @@
 """The MLflow model registry: evaluated models become versions; the best one is `champion`.
 
 The evaluate stage of the model named by `mlflow.register_model` registers its run's logged
-model as a version of `mlflow.registered_name`, tags it with its test accuracy, and moves the
-alias `champion` to it only when it beats the current champion. Consumers load
+model as a version of `mlflow.registered_name` and tags it with its test accuracy; whether the
+alias `champion` moves to it is decided by imgclf.champion on the same test images (`register`
+alone keeps its older rule: a strictly higher recorded accuracy). Consumers load
 `models:/<registered_name>@champion` and never need a run id or a version number.
 """
 
@@ -115,13 +116,17 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def register(run_id: str, model_key: str, name: str, test_accuracy: float,
-             client: MlflowClient | None = None, dataset: str | None = None) -> Registration | None:
+             client: MlflowClient | None = None, dataset: str | None = None,
+             move_alias: bool = True) -> Registration | None:
     """Register the run's logged model as a version of `name` and crown it if it is better.
 
     The alias moves only on a strictly higher test accuracy than the current champion's, so a
     tie keeps the version that got there first, and only between models of the same data set:
     97% on MNIST does not beat 92% on Fashion-MNIST, it answers another question. Returns None
     (with a warning) when the run has no logged model to register.
+
+    `move_alias=False` registers and tags only, leaving the alias (and the log line) to the
+    caller: the evaluate stage decides by imgclf.champion, on the same images.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -153,18 +158,19 @@ def register(run_id: str, model_key: str, name: str, test_accuracy: float,
             previous_accuracy = version_accuracy(client, champion)
             previous_dataset = version_dataset(client, champion)
         comparable = previous_dataset is None or dataset is None or previous_dataset == dataset
-        better = previous is None or (comparable and previous_accuracy is not None
-                                      and test_accuracy > previous_accuracy)
+        better = move_alias and (previous is None or (comparable and previous_accuracy is not None
+                                                      and test_accuracy > previous_accuracy))
         if better and previous != str(version.version):
             client.set_registered_model_alias(name, CHAMPION, version.version)
     except MlflowException as exc:
         raise TrackingError(f"could not register {model_key} as {name!r}: {exc.message}") from None
     result = Registration(
         name=name, version=str(version.version), test_accuracy=float(test_accuracy),
-        champion=str(version.version) if better else str(previous), previous_champion=previous,
+        champion=str(version.version) if better else (previous or ""), previous_champion=previous,
         previous_accuracy=previous_accuracy, reused=reused, dataset=dataset, previous_dataset=previous_dataset,
     )
-    log.info("%s", describe(model_key, result))
+    if move_alias:
+        log.info("%s", describe(model_key, result))
     return result
 
 

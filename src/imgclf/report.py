@@ -291,7 +291,40 @@ def _confusion_blocks(m: ModelResults, slug: str, classes: list[str]) -> list[tu
     return [("h3", m.name), ("table", ["Actual", "Predicted", "Test images"], rows, "llr")]
 
 
-def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None]) -> list[tuple[Any, ...]]:
+def _champion_blocks(decision: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+    """What evaluate recorded about the registered model and the champion (imgclf.champion.recorded)."""
+    if decision is None:
+        return []
+    tags, rec, version = decision["tags"], decision["record"], decision["version"]
+    t = {k.removeprefix("promotion."): v for k, v in tags.items()}
+    blocks: list[tuple[Any, ...]] = [("h2", "Champion and challenger")]
+    if rec is None:
+        blocks.append(("p", f"Version {version}: {t.get('outcome', 'no decision recorded')}"
+                            f"{' (' + t['reason'] + ')' if t.get('reason') else ''}."))
+    else:
+        c = rec["comparison"]
+        low, high = c["interval"]
+        blocks.append(("p", f"Version {version} ({rec['model']}) against the champion, version {rec['champion']}, "
+                            f"on the same {c['compared']:,} test images: {rec['outcome']}, {rec['reason']}."))
+        blocks += [("p", note) for note in rec["notes"]]
+        rows = [["Overall", _pct(c["challenger_accuracy"]), _pct(c["champion_accuracy"]),
+                 f"{100 * c['difference']:+.2f} ({100 * c['confidence']:g}% interval {100 * low:+.2f} to "
+                 f"{100 * high:+.2f}; McNemar p={c['p_value']:.3g})"]]
+        rows += [[f"{cls} (new)" if f["champion"] is None else cls, _pct(f["challenger"]),
+                  "n/a" if f["champion"] is None else _pct(f["champion"]),
+                  "n/a" if f["drop"] is None else f"{-100 * f['drop'] + 0.0:+.2f}"] for cls, f in c["per_class"].items()]
+        blocks += [("table", ["", f"Challenger (version {version})", f"Champion (version {rec['champion']})",
+                              "Difference (points)"], rows, "lrrr"),
+                   ("p", f"Policy: {t.get('policy', '')}. The record is on the model version (tags promotion.*) "
+                         "and its MLflow run (champion/comparison.json).")]
+    if t.get("manual.action"):
+        blocks.append(("p", f"Since then {t['manual.action']} by hand by {t.get('manual.by', 'unknown')} "
+                            f"(replacing version {t.get('manual.replaced', 'none')}): {t.get('manual.reason', '')}."))
+    return blocks
+
+
+def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None],
+            decision: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
     """The report as a list of (kind, ...) blocks; ("img", file, caption, png) carries its figure."""
     meta, models, train, test = inputs.meta, inputs.models, inputs.train, inputs.test
     classes, counts, names = list(meta["classes"]), meta["counts"], [m.name for m in models]
@@ -333,6 +366,7 @@ def _blocks(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | 
          plots.prediction_grid(test.images, test.labels, best.predicted, classes, n_grid)),
         ("h2", "Most confident mistakes"),
         *[block for m, slug in zip(models, slugs) for block in (("h3", m.name), *_mistakes(m, slug, test, classes))],
+        *_champion_blocks(decision),
         ("footer", f"Data set: {meta['dataset']}, version {_version(meta)}. Validation split: "
                    f"{meta['val_fraction']:g} of the training images, {_split_rule(meta)}, seed {meta['seed']}. "
                    "Normalization: mean "
@@ -392,8 +426,10 @@ def _to_markdown(blocks: list[tuple[Any, ...]]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def build_report(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None]) -> Report:
-    """Figures, HTML and Markdown for the models in `inputs`, in the order they were given."""
-    blocks = _blocks(inputs, cfg, run_links)
+def build_report(inputs: ReportInputs, cfg: ReportConfig, run_links: dict[str, str | None],
+                 decision: dict[str, Any] | None = None) -> Report:
+    """Figures, HTML and Markdown for the models in `inputs`, in the order they were given;
+    `decision`: what evaluate recorded about the registered model and the champion."""
+    blocks = _blocks(inputs, cfg, run_links, decision)
     figures = {block[1]: block[3] for block in blocks if block[0] == "img"}
     return Report(html=_to_html(blocks), markdown=_to_markdown(blocks), figures=figures)
