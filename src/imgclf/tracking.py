@@ -261,6 +261,21 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+# What makes a model besides its data: a change here that is not committed is not in `git_commit`.
+# (Not the whole tree: dvc.lock and the git-tracked metrics change while the pipeline runs.)
+SOURCE_PATHS = ("src", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
+
+
+def git_clean() -> str:
+    """"true" when the code and params are as `git_commit` has them, "false" when not, else "unknown"."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return "false" if out.stdout.strip() else "true"
+
+
 def data_version(output: str = "data/processed") -> str:
     """The DVC hash of an output as dvc.lock records it (what `dvc pull` would fetch)."""
     try:
@@ -275,6 +290,7 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
         "model_name": model_name,
         "dvc_stage": stage,
         "git_commit": git_commit(),
+        "git_clean": git_clean(),
         "data_version": data_version(),
     }
     exp = os.environ.get("DVC_EXP_NAME")

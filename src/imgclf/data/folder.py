@@ -203,17 +203,13 @@ def _labelled(tree: Tree) -> tuple[list[Image], list[tuple[str, str]]]:
     return images, problems
 
 
-@dataclass(frozen=True, slots=True)
-class Looks:
-    """What preprocess learns of a decoded image beyond its pixels (imgclf.data.quality, neardup)."""
-
-    transparent: bool  # the file had transparency
-    uniform: bool  # the pixels the model sees show (nearly) nothing
-    fingerprint: np.ndarray | None  # perceptual hashes; None for a uniform image (nothing to match)
-
-
-# index, content SHA-256, pixels, problem, looks
-Decoded = tuple[int, str, "np.ndarray | None", "str | None", "Looks | None"]
+# What preprocess learns of a decoded image beyond its pixels (imgclf.data.quality): whether the
+# file had transparency, whether the pixels the model sees show (nearly) nothing, and its
+# perceptual fingerprint as bytes (empty for a uniform image: nothing to match). Bytes, not an
+# array: ~100 of them cross from the decoding process per image.
+Seen = tuple[bool, bool, bytes]
+# index, content SHA-256, pixels, problem, what was seen
+Decoded = tuple[int, str, "np.ndarray | None", "str | None", "Seen | None"]
 Job = tuple[int, Path | bytes, tuple[int, int, int], str, str]
 
 
@@ -223,8 +219,8 @@ def _decode_job(job: Job) -> Decoded:
         data = source if isinstance(source, bytes) else source.read_bytes()
         pixels, transparent = decode_with_alpha(data, shape, resize=resize, transparency=transparency)
         uniform = is_uniform(pixels)
-        looks = Looks(transparent, uniform, None if uniform else neardup.fingerprint(pixels))
-        return i, hashlib.sha256(data).hexdigest(), pixels, None, looks
+        seen = (transparent, uniform, b"" if uniform else neardup.fingerprint(pixels).tobytes())
+        return i, hashlib.sha256(data).hexdigest(), pixels, None, seen
     except ImageError as exc:
         return i, hashlib.sha256(data).hexdigest(), None, str(exc), None
     except OSError as exc:
@@ -237,7 +233,7 @@ def _decode_chunk(jobs: list[Job]) -> list[Decoded]:
 
 def decode_all(tree: Tree, images: list[Image], shape: tuple[int, int, int], resize: str,
                workers: int, transparency: str = LEGACY_TRANSPARENCY) -> Iterator[Decoded]:
-    """(index into `images`, content SHA-256, pixels or None, problem or None, Looks or None) per
+    """(index into `images`, content SHA-256, pixels or None, problem or None, Seen or None) per
     image, decoded on `workers` processes; what comes out does not depend on how many.
 
     At most a few chunks per worker are in flight: `Pool.imap` would pull every job from its
@@ -341,7 +337,7 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
     try:
         scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(images), *plan.shape))
         decoded: dict[str, tuple[str, int]] = {}  # path -> (content SHA-256, row of scratch)
-        looks: dict[str, Looks] = {}
+        looks = quality.Looks.empty(len(images))  # by scratch row, as the pixels
         for i, sha, pixels, problem, seen in decode_all(tree, images, plan.shape, plan.resize, plan.workers,
                                                          plan.transparency):
             if problem:
@@ -349,7 +345,7 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
             else:
                 scratch[i] = pixels
                 decoded[images[i].path] = (sha, i)
-                looks[images[i].path] = seen
+                looks.record(i, *seen)
         good = [img for img in images if img.path in decoded]
         problems += _conflicting_labels(good, decoded)
         bad = {path for path, _ in problems}
@@ -364,8 +360,8 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
         if len(classes) < 2:
             raise DataError(f"{tree.where}: found {len(classes)} class folder(s) with usable images; "
                             "a classifier needs at least 2 (one subfolder per class)")
-        blank = quality.check_blank(tree.where, [(img.path, looks[img.path]) for img in good], plan.transparency,
-                                    plan.blank_images == "error")
+        blank = quality.check_blank(tree.where, [(img.path, decoded[img.path][1]) for img in good], looks,
+                                    plan.transparency, plan.blank_images == "error")
         data = _assemble(tree, good, decoded, classes, sorted(problems), plan, layout, scratch, out_dir, looks)
         data.blank = blank
         return data
@@ -388,7 +384,7 @@ def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, int]]) 
 
 def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]], classes: list[str],
               problems: list[tuple[str, str]], plan: ReadPlan, layout: bool, scratch: np.ndarray,
-              out_dir: Path, looks: dict[str, Looks]) -> FolderData:
+              out_dir: Path, looks: quality.Looks) -> FolderData:
     index = {c: i for i, c in enumerate(classes)}
     test_fraction = None if layout else plan.test_fraction
     # The test copy of an image wins over its training copies (so none of them trains), then the
@@ -404,7 +400,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         rows.append((img.path, img.label, split, sha, note))
         if kept is img:
             members[split].append(img)
-    near = quality.near_duplicates(tree.where, {r[0]: r[2] for r in rows if not r[4]}, looks,
+    near = quality.near_duplicates(tree.where, [(r[0], r[2], decoded[r[0]][1]) for r in rows if not r[4]], looks,
                                    plan.near_duplicates == "keep_together")
     if near.left_out:
         rows = [(*r[:4], near.left_out[r[0]]) if r[0] in near.left_out else r for r in rows]

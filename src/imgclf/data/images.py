@@ -67,9 +67,11 @@ def is_uniform(pixels: np.ndarray) -> bool:
     """Whether an image (any shape, uint8) shows (nearly) nothing: at most 1% of its pixels
     differ by more than 16 gray levels from its median, so noise and a stray pixel don't count
     as content."""
-    flat = pixels.reshape(-1)
-    median = int(np.median(flat))
-    return int((np.abs(flat.astype(np.int16) - median) > _STANDS_OUT).sum()) <= _UNIFORM_SHARE * flat.size
+    # From the histogram: a sort (np.median) of every pixel costs several times more.
+    counts = np.cumsum(np.bincount(pixels.reshape(-1), minlength=256))
+    median = int(np.searchsorted(counts, (counts[-1] + 1) // 2))
+    near = counts[min(255, median + _STANDS_OUT)] - (counts[median - _STANDS_OUT - 1] if median > _STANDS_OUT else 0)
+    return int(counts[-1] - near) <= _UNIFORM_SHARE * counts[-1]
 
 
 def to_pixels(img: Image.Image, in_shape: tuple[int, int, int], invert: bool = False,

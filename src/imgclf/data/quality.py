@@ -1,8 +1,8 @@
 """Checks of an image folder's decoded images that no single file shows: images that lose their
 content when transparency becomes pixels, and near-duplicates across splits.
 
-Both are measured on the pixels the model sees (imgclf.data.folder decodes once and hands each
-image's `Looks` here) and recorded in meta.json, the report, MLflow and the log.
+Both are measured on the pixels the model sees (imgclf.data.folder decodes once and records
+what it saw of each image in `Looks`) and recorded in meta.json, the report, MLflow and the log.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from imgclf.data import neardup
 from imgclf.errors import DataError
-
-if TYPE_CHECKING:
-    from imgclf.data.folder import Looks
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +30,46 @@ EXAMPLES = 5
 _ORDER = {"test": 0, "val": 1, "train": 2}  # the split that keeps a near-duplicate group
 
 
+@dataclass
+class Looks:
+    """What decoding saw of each image, by row: arrays, so a data set's worth costs ~110 bytes
+    per image, not a Python object each."""
+
+    transparent: np.ndarray  # bool: the file had transparency
+    uniform: np.ndarray  # bool: the pixels the model sees show (nearly) nothing
+    prints: np.ndarray  # uint64 (n, neardup.FINGERPRINT_WORDS); zeros where uniform
+
+    @classmethod
+    def empty(cls, n: int) -> Looks:
+        return cls(np.zeros(n, bool), np.zeros(n, bool), np.zeros((n, neardup.FINGERPRINT_WORDS), np.uint64))
+
+    def record(self, row: int, transparent: bool, uniform: bool, fingerprint: bytes) -> None:
+        self.transparent[row], self.uniform[row] = transparent, uniform
+        if fingerprint:
+            self.prints[row] = np.frombuffer(fingerprint, dtype=np.uint64)
+
+
 def blank_limit(opaque_share: float | None) -> float:
     """The highest share of (nearly) uniform images accepted, given the opaque images' own."""
     base = opaque_share or 0.0
     return min(BLANK_CEILING, max(2 * base, base + BLANK_MARGIN))
 
 
-def check_blank(where: str, images: Sequence[tuple[str, Looks]], transparency: str, stop: bool) -> dict[str, Any]:
-    """Count the images that come out (nearly) uniform; stop (or warn) when far more do than the
-    opaque images' share says to expect. Returns the counts for meta.json."""
+def check_blank(where: str, images: Sequence[tuple[str, int]], looks: Looks, transparency: str,
+                stop: bool) -> dict[str, Any]:
+    """Count the images (path, row of `looks`) that come out (nearly) uniform; stop (or warn) when
+    far more do than the opaque images' share says to expect. Returns the counts for meta.json."""
     total = len(images)
-    blank = [path for path, looks in images if looks.uniform]
-    opaque = [looks for _, looks in images if not looks.transparent]
-    opaque_blank = sum(1 for looks in opaque if looks.uniform)
-    opaque_share = opaque_blank / len(opaque) if len(opaque) >= MIN_BASELINE else None
+    rows = np.array([row for _, row in images], dtype=np.int64)
+    uniform, transparent = looks.uniform[rows], looks.transparent[rows]
+    blank = [images[k][0] for k in np.flatnonzero(uniform)]
+    opaque = int((~transparent).sum())
+    opaque_blank = int((uniform & ~transparent).sum())
+    opaque_share = opaque_blank / opaque if opaque >= MIN_BASELINE else None
     share = len(blank) / total if total else 0.0
     summary = {
         "count": len(blank), "share": round(share, 4), "images": total,
-        "transparent": total - len(opaque),
+        "transparent": total - opaque,
         "transparent_blank": len(blank) - opaque_blank,
         "opaque_share": None if opaque_share is None else round(opaque_share, 4),
         "limit": round(blank_limit(opaque_share), 4), "transparency": transparency, "examples": blank[:EXAMPLES],
@@ -60,7 +79,7 @@ def check_blank(where: str, images: Sequence[tuple[str, Looks]], transparency: s
             log.info("%s: %d of %d images come out (nearly) uniform", where, len(blank), total)
         return summary
     against = (f"against {opaque_share:.0%} of its opaque images" if opaque_share is not None
-               else f"with too few opaque images to compare ({len(opaque)})")
+               else f"with too few opaque images to compare ({opaque})")
     cause = (f"; {summary['transparent_blank']} of them are transparent images composited onto "
              f"{'the contrasting background' if transparency == 'auto' else transparency}"
              if summary["transparent_blank"] else "")
@@ -79,9 +98,10 @@ class NearDuplicates:
     summary: dict[str, Any]
 
 
-def near_duplicates(where: str, split_of: dict[str, str], looks: dict[str, Looks], keep_together: bool) -> NearDuplicates:
-    """Group the used images (path -> split) that are near-duplicates, and count the groups
-    that span splits.
+def near_duplicates(where: str, used: Sequence[tuple[str, str, int]], looks: Looks,
+                    keep_together: bool) -> NearDuplicates:
+    """Group the used images (path, split, row of `looks`) that are near-duplicates, and count
+    the groups that span splits.
 
     keep_together: each group is used in one split only, the first of test, val, train that
     holds one of its images; its images in later splits stay in the manifest with their own
@@ -89,9 +109,10 @@ def near_duplicates(where: str, split_of: dict[str, str], looks: dict[str, Looks
     so adding images never moves one; a new near-duplicate in test can only take an existing
     training image out of use, which is what keeps test images unseen.
     """
-    paths = [p for p in sorted(split_of) if looks[p].fingerprint is not None]
-    prints = np.stack([looks[p].fingerprint for p in paths]) if paths else np.zeros((0, neardup.FINGERPRINT_WORDS),
-                                                                                    dtype=np.uint64)
+    split_of = {path: split for path, split, _ in used}
+    candidates = sorted((path, row) for path, _, row in used if not looks.uniform[row])
+    paths = [path for path, _ in candidates]
+    prints = looks.prints[np.array([row for _, row in candidates], dtype=np.int64)]
     found = [[paths[i] for i in g] for g in neardup.groups(len(paths), neardup.pairs(prints))]
     across = [g for g in found if len({split_of[p] for p in g}) > 1]
     left_out: dict[str, str] = {}
