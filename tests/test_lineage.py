@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf import lineage, runlog, tracking
+from imgclf import dvcfiles, lineage, runlog, tracking
 
 NAME = "shirts"
 SOURCE = {"v1": "1" * 32 + ".dir", "v2": "2" * 32 + ".dir"}
@@ -185,3 +185,44 @@ def test_a_git_revision_names_its_data_by_the_dvc_file_and_dvc_lock(store, tmp_p
     with pytest.raises(lineage.DataError, match=r"HEAD~2:data/images/mine.dvc: data/images/mine.dvc is not in that "
                                                 r"revision"):
         lineage.runs_on(client, "HEAD~2:data/images/mine.dvc", repo)
+
+
+@pytest.mark.slow
+def test_a_pipeline_model_traces_and_its_restore_commands_rebuild_it_in_a_fresh_clone(tmp_path):
+    from fixtures import ONE_MODEL, git, tiny_project
+
+    with tiny_project(tmp_path, models=ONE_MODEL) as proj:
+        proj.repro()
+        remote = tmp_path / "remote"
+        proj.run("dvc", "remote", "add", "-d", "local", str(remote))
+        proj.run("git", "add", "-A")
+        proj.run("git", "commit", "-qm", "results")
+        proj.run("dvc", "push")
+        results_commit = git(proj.path, "rev-parse", "HEAD")
+        model_sha = tracking.file_sha256(proj.path / "models" / "cnn" / "model.pt")
+
+        traced = json.loads(proj.run("python", "-m", "imgclf.lineage", "models/cnn/model.pt", "--json").stdout)
+        assert traced["model"] == "cnn" and traced["model_sha256"] == model_sha
+        meta = json.loads((proj.path / "data" / "processed" / "meta.json").read_text())
+        assert traced["data_source_version"] == meta["version"]["checksums"]
+        assert traced["data_version"] == dvcfiles.locked_outputs(proj.path)["data/processed"].md5
+        assert traced["git_commit"] == git(proj.path, "rev-parse", "HEAD~1") and traced["git_clean"] == "true"
+        assert traced["metrics"]["test/accuracy"] > 0.5
+        assert traced["versions"][0]["aliases"] == ["champion"]
+        # Both ways: the data version lists this run.
+        on_data = json.loads(proj.run("python", "-m", "imgclf.lineage", "--data", traced["data_version"],
+                                      "--json").stdout)
+        assert traced["run_id"] in [r["run_id"] for r in on_data["runs"]]
+        by_champion = json.loads(proj.run("python", "-m", "imgclf.lineage", "models:/fashion-mnist-classifier@champion",
+                                          "--json").stdout)
+        assert by_champion["run_id"] == traced["run_id"]
+
+        # The restore commands, as printed, in a fresh clone with only git and the DVC remote.
+        fresh = tmp_path / "fresh"
+        subprocess.run(["git", "clone", "-q", str(proj.path), str(fresh)], check=True)
+        restore = traced["restore"]
+        assert restore[0].startswith(f"git checkout {results_commit}")
+        for step in restore[:-1]:
+            command = step.split("  #")[0].split()
+            subprocess.run(command, cwd=fresh, env=proj.env, check=True, capture_output=True)
+        assert tracking.file_sha256(fresh / "models" / "cnn" / "model.pt") == model_sha

@@ -204,7 +204,8 @@ def lineage(client: Any, run: Any, found_by: str) -> Lineage:
         dvc_exp_name=tags.get("dvc_exp_name"), params=dict(sorted(run.data.params.items())),
         metrics={k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(METRIC_PREFIXES)},
         versions=registered_versions(client, run.info.run_id),
-        restore=restore_commands(tags.get("git_commit", "unknown"), tags.get("dvc_exp_name"), model, sha),
+        restore=restore_commands(tags.get("git_commit", "unknown"), tags.get("dvc_exp_name"), model, sha,
+                                 tags.get("model_md5")),
     )
 
 
@@ -227,19 +228,45 @@ def registered_versions(client: Any, run_id: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda v: (v["name"], int(v["version"])))
 
 
-def restore_commands(commit: str, exp_name: str | None, model: str, sha: str | None) -> list[str]:
-    """What brings the model's state back in a fresh clone of the repository."""
+def restore_commands(commit: str, exp_name: str | None, model: str, sha: str | None, md5: str | None,
+                     repo: Path = ROOT) -> list[str]:
+    """What brings the model's state back in a fresh clone of the repository.
+
+    The run's own commit is the code it ran, but its dvc.lock predates the results: the commit
+    whose dvc.lock records this model file (by its MD5, tag model_md5) is the one `dvc pull`
+    restores it from. Without one (results never committed, or a run tagged before model_md5),
+    the run's commit and `dvc repro` rebuild it: training is deterministic on the same platform.
+    """
     if commit == "unknown":
         return []
-    steps = [f"git checkout {commit}"]
-    if exp_name:
+    holder = _commit_recording(f"models/{model}/model.pt", md5, repo) if model and md5 else None
+    if exp_name and holder is None:
         # An experiment's results live in its git ref until applied.
-        steps += [f"dvc exp pull origin {exp_name}  # unless it is already in this clone",
-                  f"dvc exp apply {exp_name}"]
-    steps += ["dvc pull  # the data, processed data and models of that commit (or `dvc checkout` from a local cache)"]
+        steps = [f"git checkout {commit}", f"dvc exp pull origin {exp_name}  # unless it is already in this clone",
+                 f"dvc exp apply {exp_name}", "dvc pull"]
+    elif holder is not None:
+        steps = [f"git checkout {holder}  # its dvc.lock records this model; the code ran at {commit}",
+                 "dvc pull  # data, processed data and models (or `dvc checkout` from a local cache)"]
+    else:
+        steps = [f"git checkout {commit}",
+                 "dvc pull  # the data and processed data of that commit",
+                 f"dvc repro train@{model}  # no commit records this model file: rebuild it (deterministic)"]
     if model and sha:
         steps += [f"sha256sum models/{model}/model.pt  # expect {sha}"]
     return steps
+
+
+def _commit_recording(output: str, md5: str, repo: Path) -> str | None:
+    """The oldest commit whose dvc.lock records `output` with this MD5, or None."""
+    listed = subprocess.run(["git", "log", "--reverse", "--format=%H", "--", "dvc.lock"], cwd=repo,
+                            capture_output=True, text=True)
+    for commit in listed.stdout.split() if listed.returncode == 0 else []:
+        lock = yaml.safe_load(_show(repo, commit, "dvc.lock") or "") or {}
+        for stage in (lock.get("stages") or {}).values():
+            for out in (stage or {}).get("outs") or []:
+                if out.get("path") == output and out.get("md5") == md5:
+                    return commit
+    return None
 
 
 # --- data version -> runs ----------------------------------------------------------------------

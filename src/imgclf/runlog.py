@@ -80,7 +80,9 @@ def log_trained(checkpoint_path: Path, model: Servable, record: EpochRecord, tra
     import mlflow
 
     try:
-        mlflow.set_tags({"model_sha256": tracking.file_sha256(checkpoint_path), "best_epoch": str(record.epoch)})
+        # model_md5 is the hash dvc.lock records: it finds the commit that holds this model (imgclf.lineage).
+        mlflow.set_tags({"model_sha256": tracking.file_sha256(checkpoint_path), "best_epoch": str(record.epoch),
+                         "model_md5": tracking.file_md5(checkpoint_path)})
         mlflow.log_metrics({"best/val_loss": record.val["loss"], "best/val_accuracy": record.val["accuracy"],
                             "train/seconds": train_seconds})
         model.log()

@@ -308,6 +308,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_md5(path: Path) -> str:
+    """The hash DVC records for a file output in dvc.lock."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def find_run(experiment_id: str, model_sha256: str) -> Run | None:
     """The newest run whose model file has this hash, or None."""
     import mlflow
