@@ -215,3 +215,10 @@ def test_fingerprints_match_copies_not_neighbours():
     prints = np.stack([fp(a), fp(a.resize((200, 200))), fp(a, "JPEG", quality=60), fp(b)])
     assert neardup.pairs(prints).tolist() == [[0, 1], [0, 2], [1, 2]]
     assert neardup.groups(4, neardup.pairs(prints)) == [[0, 1, 2]]
+    # The same shapes in another hue (the same gray, so the same hashes) are another picture.
+    gray = np.asarray(a.convert("L"), dtype=np.int16) * 150 // 255 + 40
+    reddish = np.stack([gray + 40, gray - 20, gray - 20], axis=-1).astype(np.uint8)
+    bluish = np.stack([gray - 20, gray - 20, gray + 40], axis=-1).astype(np.uint8)
+    hues = np.stack([fp(Image.fromarray(reddish)), fp(Image.fromarray(bluish))])
+    assert (hues[0, :13] == hues[1, :13]).all()  # hashes and thumbnail alike
+    assert neardup.pairs(hues).tolist() == []

@@ -354,7 +354,9 @@ def format_lineage(x: Lineage) -> str:
         lines.append(f"  DVC experiment:  {x.dvc_exp_name}")
     if x.model_sha256:
         lines.append(f"  model file:      SHA-256 {x.model_sha256}")
-    lines.append("  test metrics:    " + (", ".join(f"{k} {v:.4f}" for k, v in x.metrics.items()) or "none recorded"))
+    # Per-class accuracies (test/accuracy/<class>) are in --json; the text keeps the headline figures.
+    headline = {k: v for k, v in x.metrics.items() if k.count("/") == 1}
+    lines.append("  test metrics:    " + (", ".join(f"{k} {v:.4f}" for k, v in headline.items()) or "none recorded"))
     lines.append("  params:          " + (", ".join(f"{k}={v}" for k, v in x.params.items()) or "none recorded"))
     if x.versions:
         lines.append("  registry:")

@@ -13,12 +13,12 @@ which the fine hash tells apart). Groups are the connected sets of near-duplicat
 Candidates are found without comparing every image with every other: cut into
 COARSE_DISTANCE + 1 bit bands, two coarse hashes that differ in at most COARSE_DISTANCE bits
 agree exactly on at least one band (pigeonhole), so only images sharing a band's value are
-compared. The cost per image is then about constant, and memory is 104 bytes per image (the
-manifest holds ~130) plus one band's sort order.
+compared. The cost per image is then about constant, and memory is 112 bytes per image (the
+manifest holds ~90-130) plus one band's sort order.
 
 Measured on Fashion-MNIST's 10,000 test images (docs/lineage.md, "Near-duplicates"): 99.9% of
-copies resized and 97.8% of copies re-encoded as JPEG (quality 70) are found, and 10 of the
-10,000 images are grouped (5 pairs, one of them an exact copy); a crop of one pixel per side of
+copies resized and 96.1% of copies re-encoded as JPEG (quality 70) are found, and 8 of the
+10,000 images are grouped (4 pairs, each within a class); a crop of one pixel per side of
 a 28-pixel image moves its frequencies as much as another picture would and is not found. The
 candidate step misses a few JPEG copies of very smooth pictures (3 of 60 in tests/test_quality.py),
 whose coarse bits sit near their median.
@@ -39,7 +39,11 @@ from PIL import Image
 COARSE_DISTANCE = 4
 FINE_DISTANCE = 24
 THUMB_DISTANCE = 1.0  # mean absolute difference of the 8x8 thumbnails, gray levels
-FINGERPRINT_WORDS = 13  # one coarse uint64, four fine ones, eight of thumbnail bytes
+# The hashes see gray only: the same disk in another hue (bench/scale.py's classes) hashes
+# alike. A pair must also have nearly the same tint (each channel's mean minus the gray mean,
+# which a brighter copy keeps): at most this many levels apart in any channel.
+TINT_DISTANCE = 8
+FINGERPRINT_WORDS = 14  # one coarse uint64, four fine ones, eight of thumbnail bytes, one of tint
 _SIDE = 32
 _BANDS = COARSE_DISTANCE + 1
 
@@ -74,7 +78,11 @@ def fingerprint(pixels: np.ndarray) -> np.ndarray:
     freq = _DCT16 @ small @ _DCT16.T
     bits = np.concatenate([_bits(freq[:8, :8]), _bits(freq)])
     thumb = small.reshape(8, _SIDE // 8, 8, _SIDE // 8).mean(axis=(1, 3)).round().clip(0, 255).astype(np.uint8)
-    return np.concatenate([np.packbits(bits).view(">u8"), thumb.reshape(-1).view(">u8")]).astype(np.uint64)
+    tint = np.zeros(4, dtype=">i2")
+    means = pixels.reshape(len(pixels), -1).mean(axis=1)
+    tint[:len(means)] = np.round(means - means.mean())
+    return np.concatenate([np.packbits(bits).view(">u8"), thumb.reshape(-1).view(">u8"),
+                           tint.view(">u8")]).astype(np.uint64)
 
 
 def _bands(count: int) -> list[tuple[int, int]]:
@@ -122,11 +130,14 @@ def _confirmed(prints: np.ndarray, a: np.ndarray, b: np.ndarray, fine_distance: 
     near = np.bitwise_count(prints[a, 0] ^ prints[b, 0]) <= COARSE_DISTANCE
     a, b = a[near], b[near]
     fine_apart = np.bitwise_count(prints[a, 1:5] ^ prints[b, 1:5]).sum(axis=1)
-    thumbs = prints[:, 5:]
+    thumbs = prints[:, 5:13]
     ta = np.ascontiguousarray(thumbs[a]).astype(">u8").view(np.uint8).astype(np.int16)
     tb = np.ascontiguousarray(thumbs[b]).astype(">u8").view(np.uint8).astype(np.int16)
     thumb_apart = np.abs(ta - tb).reshape(len(a), -1).mean(axis=1) if len(a) else np.zeros(0)
-    keep = (fine_apart <= fine_distance) | (thumb_apart <= THUMB_DISTANCE)
+    tint_a = np.ascontiguousarray(prints[a, 13:]).astype(">u8").view(">i2").astype(np.int32).reshape(len(a), 4)
+    tint_b = np.ascontiguousarray(prints[b, 13:]).astype(">u8").view(">i2").astype(np.int32).reshape(len(b), 4)
+    same_tint = np.abs(tint_a - tint_b).max(axis=1, initial=0) <= TINT_DISTANCE
+    keep = ((fine_apart <= fine_distance) | (thumb_apart <= THUMB_DISTANCE)) & same_tint
     return np.stack([a[keep], b[keep]], axis=1).astype(np.int64)
 
 
