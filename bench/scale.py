@@ -16,6 +16,11 @@ Prints one JSON document (and writes it to --out, default .bench/scale/scale.jso
   splits into memory vs memory-mapped (page cache warm), and memory-mapped under a cgroup
   limit of half the processed arrays (page cache emptied first, so every page is read under
   the limit); the checkpoint and metrics must be byte-identical across the three.
+- `near_duplicates`: what near-duplicate detection (imgclf.data.neardup) adds to preprocess on
+  the generated sets: per-image seconds to decode alone vs decode plus the checks (uniformity,
+  fingerprint), measured on a sample in this process; the grouping's seconds and peak memory
+  over every image's fingerprint; and the fingerprints' bytes per image next to the manifest's.
+  `--near-duplicates-only` runs just this section (on --images and 4x --images).
 - `dvc`: `dvc add`, `dvc status` with nothing changed, `dvc push` / `dvc pull` through a local
   remote, and `dvc add` / `dvc push` after 1% more images, for the 70,000-file folder with
   DVC's defaults, with the settings docs/scale.md recommends, and as one tar archive.
@@ -409,6 +414,53 @@ def train_in_memory(model: str) -> None:
 
 # --- DVC --------------------------------------------------------------------------------------
 
+def _fingerprints(paths: list[str]) -> list:
+    from imgclf.data import neardup
+    from imgclf.data.images import decode
+    out = []
+    for path in paths:
+        out.append(neardup.fingerprint(decode(Path(path).read_bytes(), (3, 64, 64), resize="stretch")))
+    return out
+
+
+def near_duplicate_cost(folder: Path, side: int, sample: int = 3000) -> dict:
+    """Seconds per image of decoding with and without the checks preprocess adds (on `sample`
+    files, one process), and the grouping's seconds and peak memory over all the folder's images."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import tracemalloc
+
+    from imgclf.data import neardup
+    from imgclf.data.images import decode, is_uniform
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    some = [Path(f).read_bytes() for f in files[:sample]]
+    started = time.perf_counter()
+    for data in some:
+        decode(data, (3, side, side), resize="stretch")
+    decode_s = (time.perf_counter() - started) / len(some)
+    started = time.perf_counter()
+    for data in some:
+        pixels = decode(data, (3, side, side), resize="stretch")
+        is_uniform(pixels)
+        neardup.fingerprint(pixels)
+    checked_s = (time.perf_counter() - started) / len(some)
+    with Pool(len(os.sched_getaffinity(0))) as pool:
+        prints = np.stack([f for chunk in pool.map(_fingerprints, [files[i:i + 1000] for i in range(0, len(files), 1000)])
+                           for f in chunk])
+    tracemalloc.start()
+    started = time.perf_counter()
+    found = neardup.groups(len(prints), neardup.pairs(prints))
+    group_s = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    manifest_bytes = sum(len(f"{Path(f).relative_to(folder)},c0,train,{'0' * 64},\n") for f in files)
+    return {"images": len(files), "sample": len(some), "decode_us_per_image": round(decode_s * 1e6, 1),
+            "decode_and_checks_us_per_image": round(checked_s * 1e6, 1),
+            "checks_share_of_decode": round((checked_s - decode_s) / decode_s, 3),
+            "grouping_s": round(group_s, 2), "grouping_peak_mb": round(peak / MB, 1), "groups_found": len(found),
+            "fingerprint_bytes_per_image": int(prints.nbytes / len(prints)),
+            "manifest_bytes_per_image": round(manifest_bytes / len(files), 1)}
+
+
 def run_timed(cmd: list[str], cwd: Path) -> float:
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -498,6 +550,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64, help="generated images are side x side RGB (default 64)")
     parser.add_argument("--out", type=Path, default=WORK / "scale.json")
     parser.add_argument("--skip-dvc", action="store_true", help="leave out the DVC measurements")
+    parser.add_argument("--near-duplicates-only", action="store_true", help="measure only near-duplicate detection")
     args = parser.parse_args()
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -519,6 +572,12 @@ def main() -> None:
     if not (data / f"{synth}_1x_{n1}").is_dir():
         link_subset(data / f"{synth}_4x_{n4}", data / f"{synth}_1x_{n1}", 0.25)
     report["made"] = made
+    report["near_duplicates"] = {
+        scale: near_duplicate_cost(data / f"{synth}_{scale}_{n}", args.side) for scale, n in (("1x", n1), ("4x", n4))}
+    log("near_duplicates", report["near_duplicates"])
+    if args.near_duplicates_only:
+        print(json.dumps(report, indent=2))
+        return
 
     proj = WORK / "proj"
     trash(proj)

@@ -278,7 +278,9 @@ def _members(per_class: int = 30) -> dict[str, bytes]:
     for k, name in enumerate(("cat", "dog")):
         for i in range(per_class):
             buf = io.BytesIO()
-            Image.new("L", (8, 8), (k * 100 + i * 3) % 256).save(buf, "PNG")
+            # Noise, not a flat colour: preprocess refuses a folder of (nearly) uniform images.
+            pixels = np.random.default_rng(k * 1000 + i).integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(buf, "PNG")
             out[f"photos/{name}/{i:03d}.png"] = buf.getvalue()
     return out
 

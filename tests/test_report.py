@@ -197,3 +197,17 @@ def test_many_classes_keep_the_report_readable_and_it_states_the_data_version(tm
     assert "(the first 30 of 45 classes)" in md
     assert "The 20 classes cnn finds hardest" in md and "| Actual | Predicted | Test images |" in md
     assert "by content hash" in md
+
+
+def test_the_report_states_blank_images_and_near_duplicates_across_splits(tmp_path):
+    blank = {"count": 3, "share": 0.0375, "images": 80, "transparent": 40, "transparent_blank": 1,
+             "opaque_share": 0.05, "limit": 0.1, "transparency": "auto", "examples": ["a/1.png"]}
+    near = {"action": "keep_together", "groups": 4, "images": 9, "groups_across_splits": 2, "left_out": 2,
+            "examples": [[{"path": "a/1.png", "split": "test"}, {"path": "a/1-big.png", "split": "train"}]]}
+    processed, metrics, _ = make_outputs(tmp_path, ["cnn"], meta_extra={
+        "format": "folder", "blank_images": blank, "near_duplicates": near})
+    md = build_report(load_inputs(["cnn"], processed, metrics), CFG, {"cnn": None}).markdown
+    assert ("3 of 80 images (3.8%) come out (nearly) uniform after preprocessing; 40 had transparency, "
+            "composited on the background that contrasts with each image.") in md
+    assert ("4 near-duplicate group(s) (resized or re-encoded copies), 2 of them across splits: 2 image(s) left "
+            "out so that each group is used in one split. E.g. a/1.png (test), a/1-big.png (train).") in md

@@ -39,6 +39,8 @@ def save(path: Path, model: nn.Module, *, cfg: ArchConfig, meta: dict[str, Any],
         # Image folders record how their images were resized; predict must do the same. Absent
         # for the built-in sets (and older checkpoints), whose images were stretched, if at all.
         **({"resize": meta["resize"]} if "resize" in meta else {}),
+        # Likewise how transparency became pixels (absent: black, imgclf.data.images).
+        **({"transparency": meta["transparency"]} if "transparency" in meta else {}),
         **extra,
     }
     # Serialized in memory: torch.save names the archive's folder after the file it writes,

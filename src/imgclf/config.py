@@ -91,6 +91,21 @@ class Augment(Section):
     flip: bool = False
 
 
+# How transparency becomes pixels (imgclf.data.images): auto, or a background colour.
+TRANSPARENCY_RULE = re.compile(r"auto|#[0-9a-fA-F]{6}")
+
+
+def is_transparency_rule(value: object) -> bool:
+    return isinstance(value, str) and TRANSPARENCY_RULE.fullmatch(value) is not None
+
+
+def _transparency_rule(value: str) -> str:
+    if not is_transparency_rule(value):
+        raise ValueError("must be auto (each image on the background that keeps it visible) "
+                         "or a colour #rrggbb (e.g. '#ffffff')")
+    return value
+
+
 class DatasetConfig(Section):
     """`datasets.<name>`: one data set, built in or a team's own image folder.
 
@@ -119,6 +134,16 @@ class DatasetConfig(Section):
     # error: any unreadable or misplaced file stops preprocess, naming it; skip: such files are
     # left out, counted and listed (meta.json, the report, MLflow).
     bad_files: Literal["error", "skip"] = "error"
+    # How transparent pixels become pixels (imgclf.data.images): auto puts each image on the
+    # background that contrasts with its content (a dark glyph on a transparent background stays
+    # visible); "#rrggbb" puts every image on that colour.
+    transparency: Annotated[str, AfterValidator(_transparency_rule)] = "auto"
+    # error: preprocess stops when far more images come out (nearly) uniform than the data
+    # set's own opaque images show (imgclf.data.quality); warn: it logs the count and goes on.
+    blank_images: Literal["error", "warn"] = "error"
+    # Near-duplicates (the same picture resized, re-encoded or slightly cropped) in different
+    # splits: report them, or keep each group in one split (imgclf.data.neardup).
+    near_duplicates: Literal["report", "keep_together"] = "keep_together"
 
     @field_validator("mirrors")
     @classmethod
@@ -150,7 +175,8 @@ class DatasetConfig(Section):
             if self.classes is not None:
                 raise ValueError("classes: not allowed for an image folder (its class names are its folder names)")
             return self
-        given = [k for k in ("folder", "image_size", "channels", "resize", "test_fraction", "bad_files")
+        given = [k for k in ("folder", "image_size", "channels", "resize", "test_fraction", "bad_files",
+                             "transparency", "blank_images", "near_duplicates")
                  if k in self.model_fields_set]
         if given:
             raise ValueError(f"{given[0]}: only for format folder (format {self.format} has its own "

@@ -107,5 +107,5 @@ def evaluate_checkpoint(path: Path, arch: ArchConfig, processed_dir: Path, cfg: 
     loss = float(make_loss(state["loss"])(outputs, y))
     result = summarize(outputs, y, loss, state["classes"], cfg.top_misclassified)
     servable = Servable(classifier, input_example(test.images), src_dir,
-                        state["classes"], state.get("resize"))
+                        state["classes"], state.get("resize"), state.get("transparency"))
     return Evaluation(result, test.labels, list(state["classes"]), servable), meta

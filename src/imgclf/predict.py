@@ -40,7 +40,7 @@ import torch
 
 from imgclf import checkpoint, cli, paths, tracking
 from imgclf.atomic import write_text
-from imgclf.config import MODEL_NAME, MODEL_NAME_RULE
+from imgclf.config import MODEL_NAME, MODEL_NAME_RULE, is_transparency_rule
 from imgclf.data import images
 from imgclf.data.images import DEFAULT_RESIZE
 from imgclf.errors import ConfigError, DataError, TrackingError
@@ -69,6 +69,7 @@ class Predictor:
     classes: list[str]  # empty when a logged model does not name them: indices are used then
     probabilities: Callable[[np.ndarray], np.ndarray]
     resize: str = DEFAULT_RESIZE  # how the training images were resized (imgclf.data.images)
+    transparency: str = images.LEGACY_TRANSPARENCY  # how their transparency became pixels
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,10 +108,10 @@ def check_files(images: Sequence[Path]) -> None:
 
 
 def load_pixels(path: Path, in_shape: tuple[int, int, int], invert: bool = False,
-                resize: str = DEFAULT_RESIZE) -> np.ndarray:
+                resize: str = DEFAULT_RESIZE, transparency: str = images.LEGACY_TRANSPARENCY) -> np.ndarray:
     """Read one PNG or JPEG file as the model's raw input: uint8 (C, H, W)."""
     try:
-        return images.decode(path, in_shape, invert, resize, formats=FORMATS)
+        return images.decode(path, in_shape, invert, resize, formats=FORMATS, transparency=transparency)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (give PNG or JPEG image files)") from None
     except IsADirectoryError:
@@ -127,6 +128,12 @@ def _check_resize(resize: Any, source: str) -> str:
     if resize not in images.RESIZE_POLICIES:
         raise DataError(f"{source}: resize policy {resize!r} is not one of {', '.join(images.RESIZE_POLICIES)}")
     return str(resize)
+
+
+def _check_transparency(rule: Any, source: str) -> str:
+    if not is_transparency_rule(rule):
+        raise DataError(f"{source}: transparency rule {rule!r} is neither auto nor a colour #rrggbb")
+    return str(rule)
 
 
 def _check_in_shape(shape: Any, source: str) -> tuple[int, int, int]:
@@ -164,7 +171,8 @@ def from_checkpoint(path: Path) -> Predictor:
             return classifier(torch.from_numpy(pixels)).numpy()
 
     return Predictor(str(path), _check_in_shape(state["in_shape"], str(path)), list(state["classes"]), probabilities,
-                     _check_resize(state.get("resize", DEFAULT_RESIZE), str(path)))
+                     _check_resize(state.get("resize", DEFAULT_RESIZE), str(path)),
+                     _check_transparency(state.get("transparency", images.LEGACY_TRANSPARENCY), str(path)))
 
 
 def _check_store(store: str) -> None:
@@ -238,7 +246,8 @@ def from_mlflow(uri: str) -> Predictor:
         return np.asarray(model.predict(pixels), dtype=np.float32)
 
     return Predictor(uri, _check_in_shape(shape, uri), list(classes), probabilities,
-                     _check_resize(extra.get("resize", DEFAULT_RESIZE), uri))
+                     _check_resize(extra.get("resize", DEFAULT_RESIZE), uri),
+                     _check_transparency(extra.get("transparency", images.LEGACY_TRANSPARENCY), uri))
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -299,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     predictor = load_predictor(args)
     if predictor.classes and args.top_k is not None:
         _check_top_k(args.top_k, len(predictor.classes))
-    pixels = np.stack([load_pixels(path, predictor.in_shape, args.invert, predictor.resize) for path in images])
+    pixels = np.stack([load_pixels(path, predictor.in_shape, args.invert, predictor.resize,
+                                   predictor.transparency) for path in images])
     probs = np.concatenate([predictor.probabilities(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
     if probs.ndim != 2 or len(probs) != len(images):
         raise DataError(f"{predictor.source}: returned shape {tuple(probs.shape)} for {len(images)} images, "

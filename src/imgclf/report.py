@@ -236,6 +236,27 @@ def _split_rule(meta: dict[str, Any]) -> str:
     return "by content hash" if meta.get("format") == "folder" else "stratified by class"
 
 
+def _quality_blocks(meta: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Image folders: images that came out blank, and near-duplicates across splits
+    (imgclf.data.quality); nothing for data sets processed before these were counted."""
+    blocks: list[tuple[Any, ...]] = []
+    blank, near = meta.get("blank_images") or {}, meta.get("near_duplicates") or {}
+    if blank:
+        rule = "on the background that contrasts with each image" if blank.get("transparency") == "auto" \
+            else f"onto {blank.get('transparency')}"
+        blocks.append(("p", f"{blank['count']:,} of {blank['images']:,} images ({blank['share']:.1%}) come out "
+                            f"(nearly) uniform after preprocessing; {blank['transparent']:,} had transparency, "
+                            f"composited {rule}."))
+    if near:
+        across = near["groups_across_splits"]
+        what = (f"{near['left_out']:,} image(s) left out so that each group is used in one split"
+                if near["action"] == "keep_together" else "used as they are (near_duplicates: report)")
+        example = "; ".join(", ".join(f"{m['path']} ({m['split']})" for m in g) for g in near["examples"][:2])
+        blocks.append(("p", f"{near['groups']:,} near-duplicate group(s) (resized or re-encoded copies), "
+                            f"{across:,} of them across splits: {what}{'. E.g. ' + example if example else ''}."))
+    return blocks
+
+
 def _data_blocks(meta: dict[str, Any], train: Split, cfg: ReportConfig) -> list[tuple[Any, ...]]:
     classes, per_class = list(meta["classes"]), meta.get("counts_per_class") or {}
     source = meta.get("source") or {}
@@ -248,6 +269,7 @@ def _data_blocks(meta: dict[str, Any], train: Split, cfg: ReportConfig) -> list[
         more = f" and {len(skipped) - TOP_ROWS} more" if len(skipped) > TOP_ROWS else ""
         blocks.append(("p", f"{len(skipped)} bad file(s) skipped{': ' + listed + more if skipped else ''}. "
                             f"{duplicates} exact duplicate file(s) left out (each kept once, in one split)."))
+    blocks += _quality_blocks(meta)
     if per_class:
         splits = [s for s in ("train", "val", "test") if s in per_class]
         rows = [[c, *(f"{per_class[s].get(c, 0):,}" for s in splits)] for c in classes]

@@ -45,9 +45,10 @@ class Servable:
     src_dir: Path
     classes: list[str]
     resize: str | None = None
+    transparency: str | None = None
 
     def log(self) -> None:
-        log_model(self.classifier, self.example, self.src_dir, self.classes, self.resize)
+        log_model(self.classifier, self.example, self.src_dir, self.classes, self.resize, self.transparency)
 
 
 @contextmanager
@@ -79,7 +80,9 @@ def log_trained(checkpoint_path: Path, model: Servable, record: EpochRecord, tra
     import mlflow
 
     try:
-        mlflow.set_tags({"model_sha256": tracking.file_sha256(checkpoint_path), "best_epoch": str(record.epoch)})
+        # model_md5 is the hash dvc.lock records: it finds the commit that holds this model (imgclf.lineage).
+        mlflow.set_tags({"model_sha256": tracking.file_sha256(checkpoint_path), "best_epoch": str(record.epoch),
+                         "model_md5": tracking.file_md5(checkpoint_path)})
         mlflow.log_metrics({"best/val_loss": record.val["loss"], "best/val_accuracy": record.val["accuracy"],
                             "train/seconds": train_seconds})
         model.log()
@@ -192,7 +195,10 @@ def log_data(meta: dict[str, Any], context: str) -> None:
     processed = tracking.data_version()
     profile = {"version": meta.get("version", {}), "processed_dvc_md5": processed,
                "counts": meta.get("counts", {}), "counts_per_class": meta.get("counts_per_class", {}),
-               "duplicates": meta.get("duplicates", 0), "skipped": len(meta.get("skipped", []))}
+               "duplicates": meta.get("duplicates", 0), "skipped": len(meta.get("skipped", [])),
+               "blank_images": (meta.get("blank_images") or {}).get("count", 0),
+               "near_duplicate_groups_across_splits": (meta.get("near_duplicates") or {}).get("groups_across_splits", 0),
+               "near_duplicates_left_out": (meta.get("near_duplicates") or {}).get("left_out", 0)}
 
     class Data(Dataset):
         def _compute_digest(self) -> str:
@@ -216,6 +222,9 @@ def log_data(meta: dict[str, Any], context: str) -> None:
     data = Data(_dvc_source(meta.get("source", {})), name=str(meta["dataset"]), digest=digest)
     mlflow.log_input(data, context=context)
     mlflow.set_tags({"data_source_version": source_version(meta)[1], "data_version": processed})
+    if meta.get("format") == "folder":  # the image-quality counts: searchable across runs
+        mlflow.log_metrics({f"data/{key}": float(profile[key]) for key in
+                            ("blank_images", "near_duplicate_groups_across_splits", "near_duplicates_left_out")})
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:
@@ -238,7 +247,7 @@ def input_example(images: Any) -> Any:
 
 
 def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] | None = None,
-              resize: str | None = None) -> None:
+              resize: str | None = None, transparency: str | None = None) -> None:
     """Log the servable model (normalization inside) with its signature and an input example.
 
     The class names travel in the model's metadata, so a client of `models:/<name>@champion`
@@ -260,7 +269,8 @@ def log_model(classifier: Any, example: Any, src_dir: Path, classes: list[str] |
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         code_paths=[str(src_dir)],
         metadata={"classes": list(classes or []), "input_shape": list(example.shape[1:]),
-                  **({"resize": resize} if resize else {})},
+                  **({"resize": resize} if resize else {}),
+                  **({"transparency": transparency} if transparency else {})},
     )
 
 

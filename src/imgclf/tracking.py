@@ -263,6 +263,21 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+# What makes a model besides its data: a change here that is not committed is not in `git_commit`.
+# (Not the whole tree: dvc.lock and the git-tracked metrics change while the pipeline runs.)
+SOURCE_PATHS = ("src", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
+
+
+def git_clean() -> str:
+    """"true" when the code and params are as `git_commit` has them, "false" when not, else "unknown"."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return "false" if out.stdout.strip() else "true"
+
+
 def data_version(output: str = "data/processed") -> str:
     """The DVC hash of an output as dvc.lock records it (what `dvc pull` would fetch)."""
     try:
@@ -277,6 +292,7 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
         "model_name": model_name,
         "dvc_stage": stage,
         "git_commit": git_commit(),
+        "git_clean": git_clean(),
         "data_version": data_version(),
     }
     exp = os.environ.get("DVC_EXP_NAME")
@@ -288,6 +304,15 @@ def provenance_tags(model_name: str, stage: str) -> dict[str, str]:
 def file_sha256(path: Path) -> str:
     """The key that links a model file to its MLflow run (tag `model_sha256`)."""
     digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """The hash DVC records for a file output in dvc.lock."""
+    digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)

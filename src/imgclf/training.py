@@ -94,7 +94,8 @@ class BestCheckpoint:
         """The saved best model as MLflow logs it (reloaded: the live model is the last epoch's)."""
         model, state = checkpoint.load(self.path, self.arch)
         return runlog.Servable(Classifier.from_checkpoint(model, state), runlog.input_example(example_images),
-                               src_dir, self.meta["classes"], self.meta.get("resize"))
+                               src_dir, self.meta["classes"], self.meta.get("resize"),
+                               self.meta.get("transparency"))
 
 
 def train_model(

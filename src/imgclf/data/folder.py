@@ -39,8 +39,9 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from imgclf.data import neardup, quality
 from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
-from imgclf.data.images import ImageError, decode
+from imgclf.data.images import LEGACY_TRANSPARENCY, TRANSPARENCY_AUTO, ImageError, decode_with_alpha, is_uniform
 from imgclf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -202,33 +203,43 @@ def _labelled(tree: Tree) -> tuple[list[Image], list[tuple[str, str]]]:
     return images, problems
 
 
-Decoded = tuple[int, str, "np.ndarray | None", "str | None"]  # index, content SHA-256, pixels, problem
+# What preprocess learns of a decoded image beyond its pixels (imgclf.data.quality): whether the
+# file had transparency, whether the pixels the model sees show (nearly) nothing, and its
+# perceptual fingerprint as bytes (empty for a uniform image: nothing to match). Bytes, not an
+# array: ~100 of them cross from the decoding process per image.
+Seen = tuple[bool, bool, bytes]
+# index, content SHA-256, pixels, problem, what was seen
+Decoded = tuple[int, str, "np.ndarray | None", "str | None", "Seen | None"]
+Job = tuple[int, Path | bytes, tuple[int, int, int], str, str]
 
 
-def _decode_job(job: tuple[int, Path | bytes, tuple[int, int, int], str]) -> Decoded:
-    i, source, shape, resize = job
+def _decode_job(job: Job) -> Decoded:
+    i, source, shape, resize, transparency = job
     try:
         data = source if isinstance(source, bytes) else source.read_bytes()
-        return i, hashlib.sha256(data).hexdigest(), decode(data, shape, resize=resize), None
+        pixels, transparent = decode_with_alpha(data, shape, resize=resize, transparency=transparency)
+        uniform = is_uniform(pixels)
+        seen = (transparent, uniform, b"" if uniform else neardup.fingerprint(pixels).tobytes())
+        return i, hashlib.sha256(data).hexdigest(), pixels, None, seen
     except ImageError as exc:
-        return i, hashlib.sha256(data).hexdigest(), None, str(exc)
+        return i, hashlib.sha256(data).hexdigest(), None, str(exc), None
     except OSError as exc:
-        return i, "", None, f"unreadable ({exc.strerror or exc})"
+        return i, "", None, f"unreadable ({exc.strerror or exc})", None
 
 
-def _decode_chunk(jobs: list[tuple[int, Path | bytes, tuple[int, int, int], str]]) -> list[Decoded]:
+def _decode_chunk(jobs: list[Job]) -> list[Decoded]:
     return [_decode_job(job) for job in jobs]
 
 
 def decode_all(tree: Tree, images: list[Image], shape: tuple[int, int, int], resize: str,
-               workers: int) -> Iterator[Decoded]:
-    """(index into `images`, content SHA-256, pixels or None, problem or None) per image, decoded
-    on `workers` processes; what comes out does not depend on how many.
+               workers: int, transparency: str = LEGACY_TRANSPARENCY) -> Iterator[Decoded]:
+    """(index into `images`, content SHA-256, pixels or None, problem or None, Seen or None) per
+    image, decoded on `workers` processes; what comes out does not depend on how many.
 
     At most a few chunks per worker are in flight: `Pool.imap` would pull every job from its
     iterator at once, which for an archive means every member's bytes in memory.
     """
-    jobs = ((i, source, shape, resize) for i, source in tree.sources([img.path for img in images]))
+    jobs = ((i, source, shape, resize, transparency) for i, source in tree.sources([img.path for img in images]))
     bar = tqdm(total=len(images), desc=f"decode {tree.where}", unit="img", mininterval=1.0, leave=False)
     pool = None
     try:
@@ -282,6 +293,8 @@ class FolderData:
     content_sha256: str  # of the manifest's used rows: changes exactly when the data used changes
     fixed_test: bool  # the folder has train/ and test/: its test set is test/
     stats: tuple[list[float], list[float]]  # per-channel mean and std of the training split
+    blank: dict = field(default_factory=dict)  # imgclf.data.quality.BlankCount as a dict
+    near_duplicates: dict = field(default_factory=dict)  # imgclf.data.quality.near_duplicate_summary
 
 
 @dataclass(frozen=True)
@@ -294,6 +307,10 @@ class ReadPlan:
     seed: int
     skip_bad: bool
     workers: int
+    # The defaults of DatasetConfig's keys of the same names.
+    transparency: str = TRANSPARENCY_AUTO  # imgclf.data.images
+    blank_images: str = "error"  # error | warn (imgclf.data.quality)
+    near_duplicates: str = "keep_together"  # or report (imgclf.data.quality)
 
 
 def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> FolderData:
@@ -320,12 +337,15 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
     try:
         scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(images), *plan.shape))
         decoded: dict[str, tuple[str, int]] = {}  # path -> (content SHA-256, row of scratch)
-        for i, sha, pixels, problem in decode_all(tree, images, plan.shape, plan.resize, plan.workers):
+        looks = quality.Looks.empty(len(images))  # by scratch row, as the pixels
+        for i, sha, pixels, problem, seen in decode_all(tree, images, plan.shape, plan.resize, plan.workers,
+                                                         plan.transparency):
             if problem:
                 problems.append((images[i].path, problem))
             else:
                 scratch[i] = pixels
                 decoded[images[i].path] = (sha, i)
+                looks.record(i, *seen)
         good = [img for img in images if img.path in decoded]
         problems += _conflicting_labels(good, decoded)
         bad = {path for path, _ in problems}
@@ -340,7 +360,11 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
         if len(classes) < 2:
             raise DataError(f"{tree.where}: found {len(classes)} class folder(s) with usable images; "
                             "a classifier needs at least 2 (one subfolder per class)")
-        return _assemble(tree, good, decoded, classes, sorted(problems), plan, layout, scratch, out_dir)
+        blank = quality.check_blank(tree.where, [(img.path, decoded[img.path][1]) for img in good], looks,
+                                    plan.transparency, plan.blank_images == "error")
+        data = _assemble(tree, good, decoded, classes, sorted(problems), plan, layout, scratch, out_dir, looks)
+        data.blank = blank
+        return data
     finally:
         scratch_path.unlink(missing_ok=True)  # a mapped scratch file lives on until unmapped
 
@@ -360,7 +384,7 @@ def _conflicting_labels(good: list[Image], decoded: dict[str, tuple[str, int]]) 
 
 def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]], classes: list[str],
               problems: list[tuple[str, str]], plan: ReadPlan, layout: bool, scratch: np.ndarray,
-              out_dir: Path) -> FolderData:
+              out_dir: Path, looks: quality.Looks) -> FolderData:
     index = {c: i for i, c in enumerate(classes)}
     test_fraction = None if layout else plan.test_fraction
     # The test copy of an image wins over its training copies (so none of them trains), then the
@@ -376,6 +400,12 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         rows.append((img.path, img.label, split, sha, note))
         if kept is img:
             members[split].append(img)
+    near = quality.near_duplicates(tree.where, [(r[0], r[2], decoded[r[0]][1]) for r in rows if not r[4]], looks,
+                                   plan.near_duplicates == "keep_together")
+    if near.left_out:
+        rows = [(*r[:4], near.left_out[r[0]]) if r[0] in near.left_out else r for r in rows]
+        for name in SPLITS:
+            members[name] = [img for img in members[name] if img.path not in near.left_out]
     rows += [(path, "", "", "", f"skipped: {why}") for path, why in problems]
     _check_every_class_split(tree, classes, members)
     # Scratch rows follow the sorted paths, so each split's rows (sorted by path) ascend: the
@@ -399,7 +429,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
                  tree.where, duplicates)
     return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
-                      duplicates, used.hexdigest(), layout, stats.result())
+                      duplicates, used.hexdigest(), layout, stats.result(), near_duplicates=near.summary)
 
 
 def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:

@@ -83,13 +83,15 @@ def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessCo
         shape=(ds.channels, *ds.image_size), resize=ds.resize, val_fraction=pre.val_fraction,
         test_fraction=ds.test_fraction, test_fraction_given="test_fraction" in ds.model_fields_set,
         seed=pre.seed, skip_bad=ds.bad_files == "skip", workers=workers,
+        transparency=ds.transparency, blank_images=ds.blank_images, near_duplicates=ds.near_duplicates,
     )
     data = folder.read_tree(tree, plan, out_dir)
     version["content_sha256"] = data.content_sha256
     labels = {k: np.asarray(s.labels) for k, s in data.splits.items()}
     meta = _meta(name, ds, pre, labels, plan.shape, data.stats, data.classes, source, version)
     meta.update(resize=ds.resize, test_fraction=None if data.fixed_test else ds.test_fraction,
-                duplicates=data.duplicates, skipped=data.skipped)
+                duplicates=data.duplicates, skipped=data.skipped, transparency=ds.transparency,
+                blank_images=data.blank, near_duplicates=data.near_duplicates)
     return meta, data.manifest
 
 
