@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from imgclf.errors import PipelineError
+from imgclf.redact import safe_line
 
 
 def run(main: Callable[[], None]) -> None:
@@ -15,11 +16,13 @@ def run(main: Callable[[], None]) -> None:
 
     IMGCLF_DEBUG=1 shows the full traceback instead.
     """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_SafeRecords())
     logging.basicConfig(
         level=os.environ.get("IMGCLF_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     # Third-party chatter (alembic migrations, mlflow notices) is not our stage's log.
     for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
@@ -36,8 +39,17 @@ def run(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
+class _SafeRecords(logging.Filter):
+    """Every log line masked and on one line: a message that forgot to mask a URL or quote a
+    file name still shows no password and no raw newline or terminal escape sequence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = safe_line(record.getMessage()), None
+        return True
+
+
 def _say(line: str) -> None:
     # One write, newline included: print() writes text and newline separately, and under
     # torchrun two processes' lines on the shared stderr could then interleave.
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(safe_line(line) + "\n")
     sys.stderr.flush()

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from imgclf.errors import ConfigError
 from imgclf.paths import PARAMS_FILE
+from imgclf.redact import masked, masked_text
 
 
 class Section(BaseModel):
@@ -184,9 +185,13 @@ def check_mirrors(mirrors: list[str]) -> None:
     # echo of the whole list, is what is shown: a password must never reach a log.
     for i, url in enumerate(mirrors):
         if USERINFO.match(url):
-            masked = USERINFO.sub(r"\1***@", url)
-            raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
+            raise ValueError(f"mirrors[{i}] {masked(url)!r} contains a user name or password; "
                              "mirrors must not need credentials")
+        # The file name is appended as a path: a query (often a token) or fragment would
+        # swallow it, and a token there is a credential in git-tracked params.yaml.
+        if "?" in url or "#" in url:
+            raise ValueError(f"mirrors[{i}] {masked(url)!r} has a query or fragment ('?' or '#'); "
+                             "a mirror is a plain directory URL the file names are appended to")
 
 
 def check_file_names(names: list[Any]) -> None:
@@ -372,7 +377,8 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel], raw
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a check across keys (model_validator): the message names them
         return f"{path}: {msg}"
-    shown = "null" if value is None else repr(value)
+    # Masked: a wrongly typed mirror list or URL may carry a password or a token.
+    shown = "null" if value is None else masked_text(repr(value))
     return f"{path}: got {shown}: {msg[0].lower() + msg[1:]}"
 
 
@@ -388,7 +394,7 @@ def load_section(key: str, model: type[S], params: dict[str, Any] | None = None)
     params = read_params() if params is None else params
     raw = _section(params, key, PARAMS_FILE.name)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {masked_text(repr(raw))}")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
