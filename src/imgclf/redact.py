@@ -61,6 +61,23 @@ def quoted(name: object) -> str:
     return "'" + printable(text.replace("\\", "\\\\").replace("'", "\\'")) + "'"
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file name (as os.fsdecode gives it) was valid UTF-8: undecodable bytes come as
+    lone surrogates, which no UTF-8 file (a CSV, JSON, the terminal) can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(name: object) -> str:
+    """A name as typed when it is plain printable text, else `quoted`: messages stay as they
+    read for ordinary names, and an odd one cannot pass for part of the message."""
+    text = str(name)
+    return text if text.isprintable() and text.strip() == text and "'" not in text else quoted(text)
+
+
 def safe_line(text: str) -> str:
     """A message as one printable line with every URL masked."""
     return printable(masked_text(text))

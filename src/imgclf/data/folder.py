@@ -42,6 +42,7 @@ from tqdm import tqdm
 from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
 from imgclf.data.images import ImageError, decode
 from imgclf.errors import DataError
+from imgclf.redact import is_utf8, printable, quoted, shown
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ MANIFEST_COLUMNS = ("path", "class", "split", "sha256", "note")
 SCRATCH = ".decoded.npy"  # every candidate image, decoded once, in path order; removed after the split
 _CHUNK = 32  # images per task sent to a decoding process
 _IN_FLIGHT = 4  # tasks queued per decoding process: enough to keep it busy, few enough to bound memory
+
+
+# A name that is not UTF-8 could not be written to the manifest, meta.json or MLflow as it is;
+# it is a bad file like any other, shown and listed in its escaped form (\xNN per byte).
+NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
 def is_clutter(name: str) -> bool:
@@ -120,7 +126,9 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
         for name in sorted(f for f in filenames if not is_clutter(f)):
             path = here / name
             rel = path.relative_to(root).as_posix()
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+            if not is_utf8(rel):
+                entries.append(Entry(rel, NOT_UTF8))
+            elif path.is_symlink() and not path.resolve().is_relative_to(real_root):
                 entries.append(Entry(rel, "a symlink pointing outside the folder"))
             elif not path.is_file():
                 entries.append(Entry(rel, "not a regular file"))
@@ -161,7 +169,10 @@ def scan_archive(archive: Path) -> Tree:
 def _add_member(entries: dict[str, Entry], members: dict[str, int | str], name: str, is_dir: bool, is_link: bool,
                 member: int | str) -> None:
     parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
+    if not is_utf8(name):
+        if not is_dir:
+            entries[name] = Entry(name, NOT_UTF8)
+    elif name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
         entries[name] = Entry(name, "a member path outside the archive")
     elif is_dir or not parts or any(is_clutter(p) for p in parts):
         return
@@ -331,7 +342,7 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
         bad = {path for path, _ in problems}
         if problems and not plan.skip_bad:
             problems.sort()
-            names = "; ".join(f"{p}: {why}" for p, why in problems[:3])
+            names = "; ".join(f"{shown(p)}: {why}" for p, why in problems[:3])
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise DataError(f"{tree.where}: {len(problems)} bad file(s): {names}{more}; fix or remove them, "
                             "or set bad_files: skip in its datasets entry to leave them out")
@@ -376,7 +387,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         rows.append((img.path, img.label, split, sha, note))
         if kept is img:
             members[split].append(img)
-    rows += [(path, "", "", "", f"skipped: {why}") for path, why in problems]
+    rows += [(_written(path), "", "", "", f"skipped: {why}") for path, why in problems]
     _check_every_class_split(tree, classes, members)
     # Scratch rows follow the sorted paths, so each split's rows (sorted by path) ascend: the
     # gather reads the scratch file front to back.
@@ -398,8 +409,13 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
     if duplicates:
         log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
                  tree.where, duplicates)
-    return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
+    return FolderData(splits, classes, _manifest_csv(rows), [{"path": _written(p), "reason": why} for p, why in problems],
                       duplicates, used.hexdigest(), layout, stats.result())
+
+
+def _written(path: str) -> str:
+    """A skipped file's path as the manifest and meta.json (UTF-8 files) hold it."""
+    return path if is_utf8(path) else printable(path)
 
 
 def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:
@@ -407,7 +423,7 @@ def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, 
     for c in classes:
         have = {name: counts[name][c] for name in counts}
         if not all(have.values()):
-            raise DataError(f"{tree.where}: class {c!r} has too few images to split (train {have['train']}, "
+            raise DataError(f"{tree.where}: class {quoted(c)} has too few images to split (train {have['train']}, "
                             f"val {have['val']}, test {have['test']}); every split needs at least one: "
                             "add images or raise preprocess.val_fraction / test_fraction")
 
