@@ -92,6 +92,18 @@ class Augment(Section):
     flip: bool = False
 
 
+class ArchiveLimits(Section):
+    """`datasets.<name>.archive_limits`: what a downloaded tar or zip may hold before it is
+    refused unread. A member is read whole into memory, so its decompressed size is bounded (a
+    zip or tar bomb); so are the number of members (each listed one costs memory) and the
+    decompressed total. The defaults are far above real image sets (CIFAR-10's largest member:
+    31 MB) and far below what would exhaust a machine."""
+
+    max_member_mib: Annotated[int, Field(ge=1, le=4096)] = 256
+    max_members: Annotated[int, Field(ge=1, le=100_000_000)] = 1_000_000
+    max_total_mib: Annotated[int, Field(ge=1, le=16 * 2**20)] = 64 * 1024
+
+
 class DatasetConfig(Section):
     """`datasets.<name>`: one data set, built in or a team's own image folder.
 
@@ -120,6 +132,8 @@ class DatasetConfig(Section):
     # error: any unreadable or misplaced file stops preprocess, naming it; skip: such files are
     # left out, counted and listed (meta.json, the report, MLflow).
     bad_files: Literal["error", "skip"] = "error"
+    # --- downloaded archives (CIFAR's tarball, a folder's tar or zip) ---
+    archive_limits: ArchiveLimits = ArchiveLimits()
 
     @field_validator("mirrors")
     @classmethod

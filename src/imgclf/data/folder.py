@@ -29,7 +29,6 @@ import os
 import tarfile
 import tempfile
 import zipfile
-import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from imgclf.data.archive import DEFAULT_LIMITS, READ_ERRORS, Limits, Tally, read_bounded, why, zip_problem
 from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
 from imgclf.data.images import ImageError, decode
 from imgclf.errors import DataError
@@ -79,6 +79,7 @@ class Tree:
     entries: list[Entry]
     root: Path | None = None  # a folder: workers read files themselves
     archive: Path | None = None  # an archive: members are read one at a time, never all at once
+    limits: Limits = DEFAULT_LIMITS  # an archive's: what one member may decompress to
     # An archive's usable members: path below its root -> where the member is (a tar: its
     # header's offset; a zip: its name). Of equal names the last counts, as on extraction.
     members: dict[str, int | str] = field(default_factory=dict)
@@ -94,10 +95,12 @@ class Tree:
             return
         assert self.archive is not None
         try:
+            limit, key = self.limits.member_bytes, self.limits.key
             if zipfile.is_zipfile(self.archive):
                 with zipfile.ZipFile(self.archive) as zf:
                     for i, path in enumerate(paths):
-                        yield i, zf.read(self.members[path])
+                        with zf.open(str(self.members[path])) as fh:
+                            yield i, read_bounded(fh, limit, self.where, path, key)
                 return
             wanted = {self.members[path]: i for i, path in enumerate(paths)}
             with tarfile.open(self.archive, "r:*") as tar:
@@ -105,9 +108,10 @@ class Tree:
                     # TarFile keeps every header it has read; these are read once, front to back.
                     tar.members.clear()
                     if member.offset in wanted:
-                        yield wanted[member.offset], tar.extractfile(member).read()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-            raise DataError(f"{self.where}: not a readable tar or zip archive ({exc})") from None
+                        with tar.extractfile(member) as fh:
+                            yield wanted[member.offset], read_bounded(fh, limit, self.where, member.name, key)
+        except READ_ERRORS as exc:
+            raise DataError(f"{self.where}: not a readable tar or zip archive ({why(exc)})") from None
 
 
 def scan_folder(root: Path, name: str | None = None) -> Tree:
@@ -137,23 +141,28 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
     return Tree(where, sorted(entries, key=lambda e: e.path), root=root)
 
 
-def scan_archive(archive: Path) -> Tree:
-    """A tar (any compression) or zip archive's members, listed without keeping their bytes."""
+def scan_archive(archive: Path, limits: Limits = DEFAULT_LIMITS) -> Tree:
+    """A tar (any compression) or zip archive's members, listed without keeping their bytes;
+    refused in one line past `limits` (member size, member count, total size)."""
     entries: dict[str, Entry] = {}
     members: dict[str, int | str] = {}
+    tally = Tally(archive.name, limits)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
+                    tally.add(info.filename, info.file_size)
                     is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info.filename)
+                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info.filename,
+                                None if info.is_dir() else zip_problem(info))
         else:
             with tarfile.open(archive, "r:*") as tar:
                 while (m := tar.next()) is not None:
                     tar.members.clear()  # as in Tree.sources: only the offsets are kept
+                    tally.add(m.name, m.size if m.isfile() else 0)
                     _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()), m.offset)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"{archive.name}: not a readable tar or zip archive ({exc})") from None
+    except READ_ERRORS as exc:
+        raise DataError(f"{archive.name}: not a readable tar or zip archive ({why(exc)})") from None
     listed = sorted(entries.values(), key=lambda e: e.path)
     # Archives usually wrap everything in one folder (photos/cats/1.jpg): a data set has at
     # least two classes, so a single top-level folder is such a wrapper.
@@ -163,11 +172,11 @@ def scan_archive(archive: Path) -> Tree:
         cut = len(top) + 1
         listed = [Entry(e.path[cut:], e.problem) for e in listed]
         members = {k[cut:]: v for k, v in members.items()}
-    return Tree(archive.name, listed, archive=archive, members=members)
+    return Tree(archive.name, listed, archive=archive, members=members, limits=limits)
 
 
 def _add_member(entries: dict[str, Entry], members: dict[str, int | str], name: str, is_dir: bool, is_link: bool,
-                member: int | str) -> None:
+                member: int | str, unreadable: str | None = None) -> None:
     parts = PurePosixPath(name).parts
     if not is_utf8(name):
         if not is_dir:
@@ -178,6 +187,8 @@ def _add_member(entries: dict[str, Entry], members: dict[str, int | str], name: 
         return
     elif is_link:
         entries[name] = Entry(name, "a link or special member (never followed)")
+    elif unreadable:
+        entries[name] = Entry(name, unreadable)
     else:
         path = PurePosixPath(*parts).as_posix()
         members[path] = member

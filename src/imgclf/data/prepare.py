@@ -25,6 +25,7 @@ import yaml
 from imgclf.atomic import write_json, write_text
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
+from imgclf.data.archive import MIB, Limits
 from imgclf.data.dataset import ChannelStats, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
@@ -53,7 +54,7 @@ def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: Preprocess
 
 
 def _write_builtin(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path) -> dict[str, Any]:
-    train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()))
+    train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()), archive_limits(name, ds))
     train_idx, val_idx = stratified_split(train_full.labels, pre.val_fraction, pre.seed)
     stats = ChannelStats(train_full.images.shape[1])
     write_split(out_dir, "train", train_full.images, train_full.labels, train_idx, stats)
@@ -75,7 +76,7 @@ def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessCo
         source, version = _folder_source(root, ds.folder)
     else:
         (file, checksum), = (ds.files or {}).items()
-        tree = folder.scan_archive(raw_dir / stored_name(file))
+        tree = folder.scan_archive(raw_dir / stored_name(file), archive_limits(name, ds))
         source = {"kind": "archive", "file": file, "checksum": checksum}  # not the mirrors: see above
         version = {"checksum": checksum}
     assert ds.image_size is not None and ds.channels is not None  # DatasetConfig requires both for folders
@@ -91,6 +92,13 @@ def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessCo
     meta.update(resize=ds.resize, test_fraction=None if data.fixed_test else ds.test_fraction,
                 duplicates=data.duplicates, skipped=data.skipped)
     return meta, data.manifest
+
+
+def archive_limits(name: str, ds: DatasetConfig) -> Limits:
+    """The entry's archive limits in bytes, with the params key its messages name."""
+    cfg = ds.archive_limits
+    return Limits(member_bytes=cfg.max_member_mib * MIB, members=cfg.max_members,
+                  total_bytes=cfg.max_total_mib * MIB, key=f"datasets.{name}.archive_limits")
 
 
 def _folder_source(root: Path, rel: str) -> tuple[dict[str, Any], dict[str, str]]:
