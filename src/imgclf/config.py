@@ -25,7 +25,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-PosInt = Annotated[int, Field(gt=0)]
+# Every integer that reaches a library has an upper bound: torch and numpy take C integers, and
+# 2**64 overflows them with a traceback instead of a message.
+PosInt = Annotated[int, Field(gt=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeds are 32-bit; torch's wider
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -223,11 +226,11 @@ def check_file_names(names: list[Any]) -> None:
 
 class PreprocessConfig(Section):
     val_fraction: Fraction
-    seed: Annotated[int, Field(ge=0)]
+    seed: Seed
 
 
 class TrainConfig(Section):
-    seed: Annotated[int, Field(ge=0)]
+    seed: Seed
     epochs: PosInt
     batch_size: PosInt
     optimizer: Literal["sgd", "adamw"]
@@ -240,7 +243,7 @@ class TrainConfig(Section):
     augment: bool = False
     loss: Literal["cross_entropy", "nll"] = "cross_entropy"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    threads: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0
     eval_batch_size: PosInt = 1000
     # auto: CUDA when torch sees a GPU, else CPU. Asking for cuda without one is an error.
     device: Literal["auto", "cpu", "cuda"] = "auto"
