@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from imgclf.diskspace import disk_error
 from imgclf.errors import PipelineError
 from imgclf.redact import safe_line
 
@@ -33,6 +34,13 @@ def run(main: Callable[[], None]) -> None:
         if os.environ.get("IMGCLF_DEBUG"):
             raise
         _say(f"error: {exc}")
+        sys.exit(2)
+    except OSError as exc:
+        # A full or read-only disk is the user's to fix: one line. Any other OSError is a bug.
+        message = disk_error(exc)
+        if message is None or os.environ.get("IMGCLF_DEBUG"):
+            raise
+        _say(f"error: {message}")
         sys.exit(2)
     except KeyboardInterrupt:
         _say("error: interrupted; outputs of this stage were left as they were")

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from imgclf.data.archive import DEFAULT_LIMITS, READ_ERRORS, Limits, Tally, read_bounded, why, zip_problem
 from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
 from imgclf.data.images import ImageError, decode
+from imgclf.diskspace import preallocate, require_free
 from imgclf.errors import DataError
 from imgclf.redact import is_utf8, printable, quoted, shown
 
@@ -340,7 +341,12 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
                         "remove test_fraction from its datasets entry")
     scratch_path = out_dir / SCRATCH
     try:
+        # The scratch copy plus the splits gathered from it (at most every image again).
+        per_image = int(np.prod(plan.shape))
+        require_free(out_dir, 2 * len(images) * (per_image + 8) + (1 << 20),
+                     f"preprocessing {len(images):,} images of {'x'.join(map(str, plan.shape))}")
         scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(images), *plan.shape))
+        preallocate(scratch_path)
         decoded: dict[str, tuple[str, int]] = {}  # path -> (content SHA-256, row of scratch)
         for i, sha, pixels, problem in decode_all(tree, images, plan.shape, plan.resize, plan.workers):
             if problem:

@@ -29,6 +29,7 @@ from imgclf.data.archive import MIB, Limits
 from imgclf.data.dataset import ChannelStats, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
+from imgclf.diskspace import require_free
 from imgclf.errors import DataError
 
 MANIFEST = "manifest.csv"
@@ -55,6 +56,9 @@ def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: Preprocess
 
 def _write_builtin(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path) -> dict[str, Any]:
     train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()), archive_limits(name, ds))
+    n = len(train_full.labels) + len(test.labels)
+    per_image = int(np.prod(train_full.images.shape[1:]))
+    require_free(out_dir, n * (per_image + 8) + (1 << 20), f"preprocessing {n:,} images")
     train_idx, val_idx = stratified_split(train_full.labels, pre.val_fraction, pre.seed)
     stats = ChannelStats(train_full.images.shape[1])
     write_split(out_dir, "train", train_full.images, train_full.labels, train_idx, stats)
