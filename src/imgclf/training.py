@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgclf import checkpoint, distributed, runlog, runtime, tracking
+from imgclf import checkpoint, distributed, memory, runlog, runtime, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import CNNConfig, MLPConfig, TrainConfig
 from imgclf.data.dataset import Split, load_meta, load_split
@@ -124,6 +124,12 @@ def train_model(
     """Train one model in this process (`ctx` from imgclf.distributed.session). Returns what
     train.json records (best epoch, its validation figures), or None on a non-writing process."""
     inputs = Inputs.load(processed_dir, ctx, cfg, arch)
+    if ctx.device.type == "cpu":  # GPU memory is another budget; this one is the host's
+        shape = tuple(inputs.meta["shape"])
+        batch, eval_batch = cfg.batch_size // ctx.world_size, min(cfg.eval_batch_size, len(inputs.val.labels))
+        need = memory.estimate_training(arch, shape, len(inputs.meta["classes"]), cfg.optimizer, cfg.momentum,
+                                        batch, eval_batch)
+        memory.check_fits(f"train@{name}", need, shape, batch, eval_batch, ctx.world_size)
     # The writer alone opens MLflow (other processes must not even create a run); it fails
     # now, not after an hour of training (also when the user could log the run but not register
     # the model: that would only show in the evaluate stage).
