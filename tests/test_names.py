@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import ROOT
+from fixtures import ROOT, make_project
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
 from imgclf.data.prepare import write_processed
@@ -155,3 +155,58 @@ def test_predict_writes_a_not_utf8_file_name_escaped_in_its_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     lines = proc.stdout.decode("utf-8").splitlines()
     assert len(lines) == 2 and lines[1].startswith(str(tmp_path) + r"/caf\xe9.png,")
+
+
+# --- the whole pipeline ------------------------------------------------------------------------
+
+ODD_CLASSES = ("Corn_(maize)", "Pepper,_bell", "it's+1", "Pfirsich Blätter 桃")
+
+
+@pytest.mark.slow
+def test_odd_class_names_train_evaluate_report_and_serve(tmp_path):
+    """A folder whose classes are named as real data sets name them: the whole pipeline runs,
+    every file a person reads carries the names as they are, MLflow's keys decode back to them,
+    and imgclf-predict answers with them."""
+    import json
+
+    import mlflow
+
+    from fixtures import TINY
+    from imgclf.metric_keys import class_name as decode
+
+    def params(p):
+        p["download"]["dataset"] = "odd"
+        p["datasets"]["odd"] = {"folder": "data/images/odd", "image_size": [16, 16], "channels": 1,
+                                "test_fraction": 0.2}
+        p["train"].update(TINY["train"], epochs=4, batch_size=16)
+        p.update({k: TINY[k] for k in ("evaluate", "report")})
+        p["models"] = {"cnn": TINY["models"]["cnn"]}
+
+    project = make_project(tmp_path, params)
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(ODD_CLASSES):  # class k: a bright bar in rows 4k..4k+3
+        (project.path / "data" / "images" / "odd" / cls).mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 50, (16, 16)).astype(np.uint8)
+            pixels[4 * k : 4 * k + 4, 2:14] = rng.integers(190, 256)
+            Image.fromarray(pixels, "L").save(project.path / "data" / "images" / "odd" / cls / f"{i}.png")
+    project.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = project.run("dvc", "repro", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    test = json.loads((project.path / "metrics" / "cnn" / "test.json").read_text())
+    assert set(test["test/per_class_accuracy"]) == set(ODD_CLASSES)
+    report = (project.path / "reports" / "report.md").read_text()
+    assert all(c.replace("_", r"\_") in report or c in report for c in ODD_CLASSES)
+
+    client = mlflow.MlflowClient(tracking_uri=project.env["MLFLOW_TRACKING_URI"])
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+              if "test/accuracy" in r.data.metrics]
+    per_class = {decode(k, "test/accuracy", list(ODD_CLASSES)): v for k, v in run.data.metrics.items()
+                 if k.startswith("test/accuracy/")}
+    assert per_class == pytest.approx(test["test/per_class_accuracy"])
+
+    image = project.path / "data" / "images" / "odd" / ODD_CLASSES[2] / "0.png"
+    served = project.run("python", "-m", "imgclf.predict", "--name", "cnn", str(image))
+    row = served.stdout.splitlines()[1]
+    assert any(row.startswith(f"{image},{c}," if "," not in c else f'{image},"{c}",') for c in ODD_CLASSES), row
