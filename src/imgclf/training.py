@@ -129,7 +129,8 @@ def train_model(
         batch, eval_batch = cfg.batch_size // ctx.world_size, min(cfg.eval_batch_size, len(inputs.val.labels))
         need = memory.estimate_training(arch, shape, len(inputs.meta["classes"]), cfg.optimizer, cfg.momentum,
                                         batch, eval_batch)
-        memory.check_fits(f"train@{name}", need, shape, batch, eval_batch, ctx.world_size)
+        memory.check_fits(f"train@{name}", need, shape, f"a batch of {batch} (validation: {eval_batch})",
+                          "train.batch_size or train.eval_batch_size", ctx.world_size)
     # The writer alone opens MLflow (other processes must not even create a run); it fails
     # now, not after an hour of training (also when the user could log the run but not register
     # the model: that would only show in the evaluate stage).
