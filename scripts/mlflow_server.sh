@@ -17,15 +17,39 @@
 #                                   any URI mlflow supports, e.g. s3://bucket/prefix)
 #   MLFLOW_HOST, MLFLOW_PORT        what to bind (default 127.0.0.1 and 5000)
 #
-# Extra arguments go to `mlflow server` unchanged (e.g. --workers 2; a later --allowed-hosts
-# or --uvicorn-opts replaces the script's, which carry the host names and the TLS settings).
-# Pipelines log to it with MLFLOW_TRACKING_URI=https://<host>:<port>; see docs/mlflow.md.
+#   MLFLOW_SERVER_ALLOWED_HOSTS     more Host header values to accept (comma-separated), e.g. the
+#                                   name behind a proxy, added to the bound host and port
+#
+# Extra arguments go to `mlflow server`, but only those that cannot undo the rules above
+# (--workers, --static-prefix, --expose-prometheus, --cors-allowed-origins, --secrets-cache-ttl,
+# --secrets-cache-max-size): click takes the last of a repeated option, so a later --host,
+# --uvicorn-opts or --app-name would replace the script's bind address, TLS or authentication.
+# The database URI reaches mlflow through the environment, never its argv (`ps` shows argv to
+# every local user). Pipelines log to it with MLFLOW_TRACKING_URI=https://<host>:<port>; see
+# docs/mlflow.md.
 set -euo pipefail
 
 die() {
     echo "error: $*" >&2
     exit 2
 }
+
+# Extra arguments: an allow-list, not a deny-list (mlflow gains options with every release).
+safe_options="--workers -w --static-prefix --expose-prometheus --cors-allowed-origins --secrets-cache-ttl --secrets-cache-max-size"
+extra=("$@")
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    arg="${extra[i]}"
+    name="${arg%%=*}"
+    if [[ " $safe_options " != *" $name "* ]]; then
+        # Quoted and escaped (printf %q): an argument may hold a newline or an escape sequence.
+        die "argument $(printf %q "$name") is not allowed after the script: it could undo the bind address, TLS or authentication it sets; use MLFLOW_HOST, MLFLOW_PORT, MLFLOW_TLS_CERTFILE, MLFLOW_SERVER_ALLOWED_HOSTS (allowed arguments: ${safe_options// /, })"
+    fi
+    [[ "$arg" == *=* ]] || i=$((i + 1))  # the option's value follows it
+done
+# Environment variables mlflow itself reads that would do the same.
+for var in MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE MLFLOW_GUNICORN_OPTS MLFLOW_UVICORN_OPTS MLFLOW_WAITRESS_OPTS MLFLOW_SERVER_X_FRAME_OPTIONS; do
+    [[ -z "${!var:-}" ]] || die "$var is set: it would replace the server's TLS or security settings; unset it"
+done
 
 backend="${MLFLOW_BACKEND_STORE_URI:-}"
 [[ -n "$backend" ]] || die "MLFLOW_BACKEND_STORE_URI is not set; set it to the team database, e.g. postgresql://user:password@host:5432/mlflow"
@@ -75,12 +99,18 @@ fi
 # Browsers send the Host header they were pointed at: accepting only the names this server is
 # served under defeats DNS rebinding (a hostile page whose name resolves to this address).
 case "$host" in
-    0.0.0.0 | :: | "") die "MLFLOW_HOST=$host binds every interface; bind one address, or pass --allowed-hosts with the names clients use" ;;
+    0.0.0.0 | :: | "") die "MLFLOW_HOST=$host binds every interface; bind the one address clients use (MLFLOW_SERVER_ALLOWED_HOSTS adds names for it)" ;;
 esac
 if [[ "$loopback" == true ]]; then
     allowed="127.0.0.1:$port,localhost:$port,[::1]:$port"
 else
     allowed="$host:$port"
+fi
+if [[ -n "${MLFLOW_SERVER_ALLOWED_HOSTS:-}" ]]; then
+    names='^[][A-Za-z0-9.:*,-]+$'  # ']' first in a bracket expression is literal
+    [[ "$MLFLOW_SERVER_ALLOWED_HOSTS" =~ $names ]] || die "MLFLOW_SERVER_ALLOWED_HOSTS: got '$MLFLOW_SERVER_ALLOWED_HOSTS': must be host names or host:port, comma-separated"
+    [[ ",$MLFLOW_SERVER_ALLOWED_HOSTS," != *",*,"* ]] || die "MLFLOW_SERVER_ALLOWED_HOSTS: '*' accepts any host name and undoes the DNS rebinding check; name the hosts clients use"
+    allowed+=",$MLFLOW_SERVER_ALLOWED_HOSTS"
 fi
 
 mlflow_bin="$(command -v mlflow || true)"
@@ -119,11 +149,16 @@ export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 # this project; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it anyway.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
-# Never print the database password.
-shown="$(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$backend")"
+# Never print the database password, in whatever form the URI holds it (user:password@, a
+# ?password= parameter): the project's one masking rule, given the URI on stdin, not argv.
+here="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+shown="$(PYTHONPATH="$here/../src" "$python_bin" -m imgclf.redact <<<"$backend")" || die "cannot mask the backend URI for display (is $here/../src/imgclf there?)"
 echo "mlflow server: backend $shown, artifacts $artifacts, authentication $auth, listening on $scheme://$host:$port" >&2
 
-server=("$mlflow_bin" server --backend-store-uri "$backend" --serve-artifacts --artifacts-destination "$artifacts"
+# mlflow reads the URI from this variable (click's envvar): `ps` shows argv to every local user,
+# while a process's environment only to its owner and root.
+export MLFLOW_BACKEND_STORE_URI="$backend"
+server=("$mlflow_bin" server --serve-artifacts --artifacts-destination "$artifacts"
         --host "$host" --port "$port" --allowed-hosts "$allowed" --uvicorn-opts "$uvicorn_opts")
 if [[ "$auth" == off ]]; then
     # exec: the server gets this process's signals, so Ctrl-C or a supervisor's stop reach it.

@@ -11,6 +11,7 @@ import _bootstrap  # noqa: F401  (puts this checkout's src/ first on sys.path)
 from imgclf import cli
 from imgclf.atomic import write_text
 from imgclf.config import MlflowConfig, load_section, read_params, validate_all
+from imgclf.crossfield import check_models_fit
 from imgclf.paths import PARAMS_CHECKED
 from imgclf.registry import check_target
 
@@ -18,6 +19,7 @@ from imgclf.registry import check_target
 def main() -> None:
     params = read_params()
     names = validate_all(params)
+    check_models_fit(params)
     check_target(load_section("mlflow", MlflowConfig, params).register_model, names)
     write_text(PARAMS_CHECKED, "params.yaml passed validation\n")
 

@@ -84,7 +84,7 @@ def test_unreachable_server_message_masks_a_password():
     uri = f"http://{login}@127.0.0.1:9/"  # port 9 (discard): nothing answers
     with pytest.raises(TrackingError) as info:
         tracking.check_reachable(uri)
-    assert "alice:***@127.0.0.1:9" in str(info.value) and f"{secret}w0rd" not in str(info.value)
+    assert "http://***@127.0.0.1:9" in str(info.value) and f"{secret}w0rd" not in str(info.value)
 
 
 def test_the_experiment_is_created_or_marked_as_model_training(store):

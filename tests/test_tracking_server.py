@@ -45,6 +45,7 @@ def fake_mlflow(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "mlflow").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n'
+                                 'echo "env MLFLOW_BACKEND_STORE_URI=$MLFLOW_BACKEND_STORE_URI"\n'
                                  'if [ -n "$MLFLOW_AUTH_CONFIG_PATH" ]; then\n'
                                  '  stat -c "mode %a" "$MLFLOW_AUTH_CONFIG_PATH"; cat "$MLFLOW_AUTH_CONFIG_PATH"\n'
                                  '  echo "$MLFLOW_AUTH_CONFIG_PATH"\nfi\n')
@@ -74,8 +75,9 @@ def test_server_script_needs_a_backend_store_uri(tmp_path):
 
 
 def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
-    """What the script hands to `mlflow server`: the driver named, the basic-auth app, allowed
-    hosts for the loopback port, and a 0600 auth config naming the runs' own database, removed
+    """What the script hands to `mlflow server`: the basic-auth app, allowed hosts for the
+    loopback port, the database (driver named) in the environment and never in argv, where `ps`
+    shows it to every local user, and a 0600 auth config naming the runs' own database, removed
     when the server exits; the database password never in its output."""
     login = "team:" + new_secret()
     env = _auth_env(MLFLOW_BACKEND_STORE_URI=f"postgresql://{login}@db.example.org:5432/mlflow")
@@ -84,18 +86,19 @@ def test_server_script_serves_basic_auth_with_a_private_config(fake_mlflow):
     backend = f"postgresql+psycopg2://{login}@db.example.org:5432/mlflow"  # psycopg 3 is not installed
     out = proc.stdout.splitlines()
     work = fake_mlflow.work
-    assert out[:17] == [
-        "server", "--backend-store-uri", backend, "--serve-artifacts",
+    assert out[:15] == [
+        "server", "--serve-artifacts",
         "--artifacts-destination", str(work / "mlartifacts-server"),
         "--host", "127.0.0.1", "--port", "5000",
         "--allowed-hosts", "127.0.0.1:5000,localhost:5000,[::1]:5000",
         "--uvicorn-opts", "--timeout-graceful-shutdown 10", "--app-name", "basic-auth", "--workers"]
-    assert out[17:19] == ["2", "mode 600"]
+    assert out[15:18] == ["2", f"env MLFLOW_BACKEND_STORE_URI={backend}", "mode 600"]
+    assert not any(login.split(":")[1] in arg for arg in out[:16])
     assert "default_permission = NO_PERMISSIONS" in out and f"database_uri = {backend}" in out
     config = Path(out[-1])
     assert not config.is_relative_to(ROOT) and not config.exists()  # outside the checkout, gone after
     assert (work / "mlartifacts-server").is_dir()
-    assert login.split(":")[1] not in proc.stderr and "team:***@db.example.org" in proc.stderr
+    assert login.split(":")[1] not in proc.stderr and "postgresql+psycopg2://***@db.example.org" in proc.stderr
 
 
 def test_server_script_without_auth_only_on_loopback(fake_mlflow, tmp_path):
@@ -226,6 +229,26 @@ def test_a_server_that_would_refuse_the_run_stops_training_before_it_starts(prep
 
 
 @pytest.mark.slow
+def test_no_server_process_has_the_database_uri_in_its_argv(server):
+    """`ps` shows every process's argv to every local user: the script's shell, mlflow and its
+    uvicorn workers (all in the session the server was started in) carry the database URI in
+    their environment, which only the owner and root can read, and never in argv."""
+    database = f"127.0.0.1:{server.pg.port}/mlflow"
+    argvs, environs = [], []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.getsid(int(proc.name)) != server.proc.pid:
+                continue
+            argvs.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+            environs.append((proc / "environ").read_bytes().decode(errors="replace"))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+    assert len(argvs) >= 2, argvs  # the script and the server at least
+    assert [argv for argv in argvs if database in argv] == []
+    assert any(database in env for env in environs)  # the check can see it where it is
+
+
+@pytest.mark.slow
 def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     password = new_secret()
     host = server.url.removeprefix("https://")
@@ -235,7 +258,7 @@ def test_password_in_the_uri_is_masked_in_the_refusal(server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(TrackingError) as info:
         tracking.check_reachable("https://" + ":".join(["editor", password]) + f"@{host}")
-    assert str(info.value).startswith(f"MLflow tracking server https://editor:***@{host} refused the credentials")
+    assert str(info.value).startswith(f"MLflow tracking server https://***@{host} refused the credentials")
     assert password not in str(info.value)
 
 

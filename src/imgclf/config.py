@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from imgclf.errors import ConfigError
 from imgclf.paths import PARAMS_FILE
+from imgclf.redact import masked, masked_text
 
 
 class Section(BaseModel):
@@ -24,7 +25,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-PosInt = Annotated[int, Field(gt=0)]
+# Every integer that reaches a library has an upper bound: torch and numpy take C integers, and
+# 2**64 overflows them with a traceback instead of a message.
+PosInt = Annotated[int, Field(gt=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeds are 32-bit; torch's wider
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -106,6 +110,18 @@ def _transparency_rule(value: str) -> str:
     return value
 
 
+class ArchiveLimits(Section):
+    """`datasets.<name>.archive_limits`: what a downloaded tar or zip may hold before it is
+    refused unread. A member is read whole into memory, so its decompressed size is bounded (a
+    zip or tar bomb); so are the number of members (each listed one costs memory) and the
+    decompressed total. The defaults are far above real image sets (CIFAR-10's largest member:
+    31 MB) and far below what would exhaust a machine."""
+
+    max_member_mib: Annotated[int, Field(ge=1, le=4096)] = 256
+    max_members: Annotated[int, Field(ge=1, le=100_000_000)] = 1_000_000
+    max_total_mib: Annotated[int, Field(ge=1, le=16 * 2**20)] = 64 * 1024
+
+
 class DatasetConfig(Section):
     """`datasets.<name>`: one data set, built in or a team's own image folder.
 
@@ -144,6 +160,8 @@ class DatasetConfig(Section):
     # Near-duplicates (the same picture resized, re-encoded or slightly cropped) in different
     # splits: report them, or keep each group in one split (imgclf.data.neardup).
     near_duplicates: Literal["report", "keep_together"] = "keep_together"
+    # --- downloaded archives (CIFAR's tarball, a folder's tar or zip) ---
+    archive_limits: ArchiveLimits = ArchiveLimits()
 
     @field_validator("mirrors")
     @classmethod
@@ -210,9 +228,13 @@ def check_mirrors(mirrors: list[str]) -> None:
     # echo of the whole list, is what is shown: a password must never reach a log.
     for i, url in enumerate(mirrors):
         if USERINFO.match(url):
-            masked = USERINFO.sub(r"\1***@", url)
-            raise ValueError(f"mirrors[{i}] {masked!r} contains a user name or password; "
+            raise ValueError(f"mirrors[{i}] {masked(url)!r} contains a user name or password; "
                              "mirrors must not need credentials")
+        # The file name is appended as a path: a query (often a token) or fragment would
+        # swallow it, and a token there is a credential in git-tracked params.yaml.
+        if "?" in url or "#" in url:
+            raise ValueError(f"mirrors[{i}] {masked(url)!r} has a query or fragment ('?' or '#'); "
+                             "a mirror is a plain directory URL the file names are appended to")
 
 
 def check_file_names(names: list[Any]) -> None:
@@ -230,7 +252,7 @@ def check_file_names(names: list[Any]) -> None:
 
 class PreprocessConfig(Section):
     val_fraction: Fraction
-    seed: Annotated[int, Field(ge=0)]
+    seed: Seed
 
 
 # What a model outputs decides its loss: raw scores for cross_entropy, log_softmax for nll.
@@ -240,7 +262,7 @@ LOSSES: tuple[str, ...] = get_args(LossKind)
 
 
 class TrainConfig(Section):
-    seed: Annotated[int, Field(ge=0)]
+    seed: Seed
     epochs: PosInt
     batch_size: PosInt
     optimizer: Literal["sgd", "adamw"]
@@ -253,7 +275,7 @@ class TrainConfig(Section):
     augment: bool = False
     loss: LossKind = "cross_entropy"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    threads: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0
     # auto: CUDA when torch sees a GPU, else CPU. Asking for cuda without one is an error.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on CUDA): same bytes out.
@@ -460,7 +482,8 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a check across keys (model_validator): the message names them
         return f"{path}: {msg}"
-    shown = "null" if value is None else repr(value)
+    # Masked: a wrongly typed mirror list or URL may carry a password or a token.
+    shown = "null" if value is None else masked_text(repr(value))
     return f"{path}: got {shown}: {msg[0].lower() + msg[1:]}"
 
 
@@ -469,7 +492,7 @@ def load_section(key: str, model: type[S], params: dict[str, Any] | None = None)
     params = read_params() if params is None else params
     raw = _section(params, key, PARAMS_FILE.name)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {masked_text(repr(raw))}")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgclf import checkpoint
+from imgclf import checkpoint, memory
 from imgclf.atomic import write_json, write_text
 from imgclf.config import ArchConfig, EvaluateConfig
 from imgclf.data.dataset import load_meta, load_split
@@ -96,8 +96,12 @@ def evaluate_checkpoint(path: Path, arch: ArchConfig, processed_dir: Path, cfg: 
                         src_dir: Path) -> tuple[Evaluation, dict[str, Any]]:
     """The evaluate stage's work: the checkpoint's outputs on the test split, summarized.
     Returns the evaluation and the processed data's meta.json."""
-    model, state = checkpoint.load(path, arch)
     meta = load_meta(processed_dir)
+    shape = tuple(meta["shape"])
+    batch = min(cfg.batch_size, max(1, int(meta.get("counts", {}).get("test", cfg.batch_size))))
+    need = memory.estimate_inference(arch, shape, len(meta["classes"]), batch)
+    memory.check_fits(f"evaluate@{path.parent.name}", need, shape, f"a batch of {batch}", "evaluate.batch_size")
+    model, state = checkpoint.load(path, arch)
     test = load_split(processed_dir, "test", meta)
     x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     # fp32 for the reported figures, whatever precision training used.

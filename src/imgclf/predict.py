@@ -45,6 +45,7 @@ from imgclf.data import images
 from imgclf.data.images import DEFAULT_RESIZE
 from imgclf.errors import ConfigError, DataError, TrackingError
 from imgclf.models import Classifier
+from imgclf.redact import is_utf8, printable
 from imgclf.schema import CHECKPOINT, ModelFiles
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,10 @@ def rank(files: Sequence[str], probs: np.ndarray, classes: Sequence[str], top_k:
     records = []
     for file, p, best in zip(files, probs, order):
         top = [{"class": classes[i], "probability": round(float(p[i]), DECIMALS)} for i in best]
-        records.append({"file": file, "predicted": top[0]["class"], "probability": top[0]["probability"],
+        # A name that is not UTF-8 cannot go into a UTF-8 CSV or JSON as it is: its bytes are
+        # written as \xNN escapes (the form error lines show it in too).
+        shown_file = file if is_utf8(file) else printable(file)
+        records.append({"file": shown_file, "predicted": top[0]["class"], "probability": top[0]["probability"],
                         "top_k": top})
     return records
 

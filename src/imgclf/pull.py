@@ -20,6 +20,7 @@ from pathlib import Path
 
 from imgclf import cli, dvcfiles
 from imgclf.errors import PipelineError
+from imgclf.redact import masked
 
 SHOWN = 4  # missing paths named in the message; the rest are counted
 
@@ -95,7 +96,7 @@ def _s3_problem(root: Path, remote: str, missing: list[str], dvc_errors: list[st
     if not url.startswith("s3://"):
         return None
     endpoint = settings.get("endpointurl") or "AWS S3"
-    where = f"remote {remote!r} ({url} at {endpoint})"
+    where = f"remote {remote!r} ({masked(url)} at {masked(endpoint)})"
     lost = f"{len(missing)} outputs are missing ({_listing(missing)})"
     cause = next((e for e in dvc_errors if any(words in e for words in S3_REFUSED + S3_UNREACHABLE)), "")
     said = cause.split(" - ", 1)[-1]

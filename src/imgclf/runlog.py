@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgclf import tracking
+from imgclf import metric_keys, tracking
 from imgclf.data.dataset import source_version
 
 if TYPE_CHECKING:
@@ -113,11 +113,24 @@ def log_evaluation(experiment_id: str, name: str, checkpoint_path: Path, model: 
             # The data this run is judged on (the run that trained the model recorded it already).
             log_data(meta, "evaluation")
     client = mlflow.MlflowClient()
-    log_metrics_to(client, run_id, {"test/loss": metrics["test/loss"], "test/accuracy": metrics["test/accuracy"],
-                                    **{f"test/accuracy/{c}": a for c, a in metrics["test/per_class_accuracy"].items()}})
+    logged, keys = test_metrics(metrics)
+    log_metrics_to(client, run_id, logged)
+    client.log_dict(run_id, keys, "evaluation/class_keys.json")
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
     return run_id
+
+
+def test_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The evaluation's MLflow metrics, and the key -> class name mapping the run keeps.
+
+    Class names are folder names: MLflow refuses most punctuation in a key, so each per-class
+    key is derived reversibly (imgclf.metric_keys); files a person reads keep the names."""
+    per_class = metrics["test/per_class_accuracy"]
+    keys = metric_keys.class_keys("test/accuracy", list(per_class))
+    logged = {"test/loss": metrics["test/loss"], "test/accuracy": metrics["test/accuracy"],
+              **{key: per_class[name] for key, name in keys.items()}}
+    return logged, keys
 
 
 def log_metrics_to(client: Any, run_id: str, metrics: dict[str, float]) -> None:

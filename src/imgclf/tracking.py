@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from imgclf.dvcfiles import LockError, locked_outputs
 from imgclf.errors import TrackingError
 from imgclf.paths import ROOT, home_root
+from imgclf.redact import masked
 
 if TYPE_CHECKING:  # mlflow takes seconds to import: only stages that log pay for it
     from mlflow.entities import Run
@@ -64,11 +64,6 @@ def _first_use_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def masked(uri: str) -> str:
-    """A tracking or store URI fit for a message or log: a password in it becomes ***."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
-
-
 # Which permissions let a user write: log runs to an experiment, register versions of a model
 # and move its aliases (MLflow's basic-auth app; READ and USE only look).
 _WRITE_PERMISSIONS = frozenset({"EDIT", "MANAGE"})
@@ -91,6 +86,26 @@ def _credentials(uri: str) -> tuple[str, Any, str | None, str | None]:
     username = creds.username or (urllib.parse.unquote(parsed.username) if parsed.username else None)
     password = creds.password or (urllib.parse.unquote(parsed.password) if parsed.password else None)
     return bare, creds, username, password
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect, but with the Basic-auth header only to the same scheme, host and
+    port: urllib copies every header to wherever a redirect points, so a server (or anyone who
+    can answer for it) could otherwise send the password on to a host of its choosing."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
 
 
 def _server_request(uri: str, path: str, params: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -119,8 +134,9 @@ def _server_request(uri: str, path: str, params: dict[str, str] | None = None) -
         if creds.ignore_tls_verification:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _SameOriginCredentials)
     try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        with opener.open(request, timeout=10) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()

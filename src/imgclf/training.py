@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgclf import checkpoint, distributed, runlog, runtime, tracking
+from imgclf import checkpoint, distributed, memory, runlog, runtime, tracking
 from imgclf.atomic import write_json, write_text
 from imgclf.config import ArchConfig, TrainConfig
 from imgclf.data.dataset import Split, load_meta, load_split
@@ -76,19 +77,29 @@ def build(arch: ArchConfig, cfg: TrainConfig, meta: dict[str, Any], ctx: distrib
 
 
 class BestCheckpoint:
-    """on_improve for `fit`: saved at every improvement, so an interrupted run still leaves its
-    best model so far."""
+    """on_improve for `fit`: the best model so far, saved at every improvement to a hidden
+    sibling of the checkpoint (`.model.pt.partial`), and moved onto the checkpoint only by
+    `finish`, once training is done. A run killed midway so leaves the previous finished model
+    (or none: DVC removes it before the stage runs), never an unfinished one that evaluate and
+    imgclf-predict would take for finished. The partial file is overwritten by the next run and
+    ignored by DVC's hashes (.dvcignore)."""
 
     def __init__(self, path: Path, model: nn.Module, arch: ArchConfig, meta: dict[str, Any], loss: str,
                  flip_average: bool):
         self.path, self.model, self.arch, self.meta, self.loss = path, model, arch, meta, loss
+        self.partial = path.with_name(f".{path.name}.partial")
         self.flip_average = flip_average
         self.record: EpochRecord | None = None
 
     def __call__(self, record: EpochRecord) -> None:
         self.record = record
-        checkpoint.save(self.path, self.model, cfg=self.arch, meta=self.meta, loss=self.loss,
+        checkpoint.save(self.partial, self.model, cfg=self.arch, meta=self.meta, loss=self.loss,
                         extra={"epoch": record.epoch, "val_loss": record.val["loss"], "flip_average": self.flip_average})
+
+    def finish(self) -> None:
+        """The best model becomes the checkpoint (one rename: there is never a moment without
+        a whole file at the checkpoint's path, old or new)."""
+        os.replace(self.partial, self.path)
 
     def servable(self, example_images: Any, src_dir: Path) -> runlog.Servable:
         """The saved best model as MLflow logs it (reloaded: the live model is the last epoch's)."""
@@ -114,6 +125,13 @@ def train_model(
     """Train one model in this process (`ctx` from imgclf.distributed.session). Returns what
     train.json records (best epoch, its validation figures), or None on a non-writing process."""
     inputs = Inputs.load(processed_dir, ctx, cfg, arch)
+    if ctx.device.type == "cpu":  # GPU memory is another budget; this one is the host's
+        shape = tuple(inputs.meta["shape"])
+        batch, eval_batch = cfg.batch_size // ctx.world_size, min(eval_batch_size, len(inputs.val.labels))
+        need = memory.estimate_training(arch, shape, len(inputs.meta["classes"]), cfg.optimizer, cfg.momentum,
+                                        batch, eval_batch)
+        memory.check_fits(f"train@{name}", need, shape, f"a batch of {batch} (validation: {eval_batch})",
+                          "train.batch_size or evaluate.batch_size", ctx.world_size)
     # The writer alone opens MLflow (other processes must not even create a run); it fails
     # now, not after an hour of training (also when the user could log the run but not register
     # the model: that would only show in the evaluate stage).
@@ -141,6 +159,7 @@ def train_model(
     with runlog.training_run(experiment_id, name, params, meta):
         started = time.perf_counter()
         history = fit(model, train, val, plan, on_improve=best, on_epoch=runlog.log_epoch, train_module=net)
+        best.finish()
         train_seconds = time.perf_counter() - started
         summary = write_outputs(files, history, best.record, facts, train_seconds, len(inputs.train.labels))
         runlog.log_trained(files.checkpoint, best.servable(inputs.val.images, src_dir), best.record, train_seconds)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.archive import read_members
+from imgclf.data.archive import DEFAULT_LIMITS, Limits, read_members
 from imgclf.errors import DataError
 
 ARCHIVE = "cifar-10-binary.tar"  # as stored in data/raw (the download decompresses the .gz)
@@ -50,14 +50,14 @@ def decode(data: bytes, name: str, n_classes: int) -> Arrays:
     return records[:, 1:].reshape(-1, *SHAPE).copy(), labels
 
 
-def read(archive: Path, classes: tuple[str, ...]) -> tuple[Arrays, Arrays]:
+def read(archive: Path, classes: tuple[str, ...], limits: Limits = DEFAULT_LIMITS) -> tuple[Arrays, Arrays]:
     """(train images, labels) and (test images, labels) from the tarball, checked record by record.
 
     Read in memory through the archive's refusal rules (links, absolute or escaping members
     refuse the whole archive), so nothing is extracted to disk.
     """
     names = [f"{FOLDER}/{f}" for f in (*TRAIN_FILES, TEST_FILE, META_FILE)]
-    members = read_members(archive, names)
+    members = read_members(archive, names, limits)
     listed = members[f"{FOLDER}/{META_FILE}"].decode("ascii", errors="replace").split()
     if tuple(listed[: len(classes)]) != classes:
         # A different archive (CIFAR-100, a re-labelled copy) behind the right file name.

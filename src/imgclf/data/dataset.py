@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from imgclf.diskspace import preallocate
 from imgclf.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -134,7 +135,9 @@ def create_split(out_dir: Path, name: str, n: int, shape: Sequence[int]) -> Spli
         path = out_dir / f"{name}_{kind}.npy"
         # A new inode, never a truncated one: a process may still map the old file.
         path.unlink(missing_ok=True)
-        arrays.append(open_memmap(path, mode="w+", dtype=dtype, shape=tuple(int(d) for d in dims)))
+        array = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(int(d) for d in dims))
+        preallocate(path)  # a full disk is ENOSPC here, not SIGBUS when the map is written
+        arrays.append(array)
     return Split(*arrays)
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from imgclf.atomic import atomic_path
 from imgclf.config import check_checksum, check_file_names, check_mirrors
 from imgclf.errors import ConfigError, DownloadError
+from imgclf.redact import masked, masked_text
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +84,28 @@ def fetch_one(name: str, checksum: str, mirrors: list[str], target: Path, *, tim
     failures: list[str] = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
+        shown = masked(url)  # what messages show of it: no credential in any form
         for attempt in range(retries + 1):
             try:
                 with atomic_path(target) as tmp:
                     _download_verified(url, name, checksum, tmp, timeout_s)
-                log.info("%s: verified from %s", name, mirror)
+                log.info("%s: verified from %s", name, masked(mirror))
                 return mirror
             except _Permanent as exc:
-                failures.append(f"{url}: {exc}")
+                failures.append(f"{shown}: {exc}")
                 break
             except _Transient as exc:
                 if attempt == retries:
-                    failures.append(f"{url}: {exc} (after {retries + 1} attempts)")
+                    failures.append(f"{shown}: {exc} (after {retries + 1} attempts)")
                     break
                 delay = BACKOFF_BASE_S * 2**attempt
-                log.warning("%s: %s; retrying in %.3gs", url, exc, delay)
+                log.warning("%s: %s; retrying in %.3gs", shown, exc, delay)
                 time.sleep(delay)
-        log.warning("%s: giving up on %s", name, mirror)
+        log.warning("%s: giving up on %s", name, masked(mirror))
     tried = "; ".join(failures) or "no mirror given"
     # One line whatever a server put in its reason phrase: the CLI prints this as `error: ...`.
-    raise DownloadError(" ".join(f"could not fetch a verified {name} from any mirror: {tried}".split()))
+    # Masked again: a library's reason (an invalid URL, a redirect) may quote a URL itself.
+    raise DownloadError(masked_text(" ".join(f"could not fetch a verified {name} from any mirror: {tried}".split())))
 
 
 def _check(check: Callable[[Any], Any], value: Any, what: str = "") -> None:

@@ -29,7 +29,6 @@ import os
 import tarfile
 import tempfile
 import zipfile
-import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +39,12 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from imgclf.data import neardup, quality
+from imgclf.data.archive import DEFAULT_LIMITS, READ_ERRORS, Limits, Tally, read_bounded, why, zip_problem
 from imgclf.data.dataset import SPLITS, ChannelStats, Split, map_split, write_split
 from imgclf.data.images import LEGACY_TRANSPARENCY, TRANSPARENCY_AUTO, ImageError, decode_with_alpha, is_uniform
+from imgclf.diskspace import preallocate, require_free
 from imgclf.errors import DataError
+from imgclf.redact import is_utf8, printable, quoted, shown
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ MANIFEST_COLUMNS = ("path", "class", "split", "sha256", "note")
 SCRATCH = ".decoded.npy"  # every candidate image, decoded once, in path order; removed after the split
 _CHUNK = 32  # images per task sent to a decoding process
 _IN_FLIGHT = 4  # tasks queued per decoding process: enough to keep it busy, few enough to bound memory
+
+
+# A name that is not UTF-8 could not be written to the manifest, meta.json or MLflow as it is;
+# it is a bad file like any other, shown and listed in its escaped form (\xNN per byte).
+NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
 def is_clutter(name: str) -> bool:
@@ -74,6 +81,7 @@ class Tree:
     entries: list[Entry]
     root: Path | None = None  # a folder: workers read files themselves
     archive: Path | None = None  # an archive: members are read one at a time, never all at once
+    limits: Limits = DEFAULT_LIMITS  # an archive's: what one member may decompress to
     # An archive's usable members: path below its root -> where the member is (a tar: its
     # header's offset; a zip: its name). Of equal names the last counts, as on extraction.
     members: dict[str, int | str] = field(default_factory=dict)
@@ -89,10 +97,12 @@ class Tree:
             return
         assert self.archive is not None
         try:
+            limit, key = self.limits.member_bytes, self.limits.key
             if zipfile.is_zipfile(self.archive):
                 with zipfile.ZipFile(self.archive) as zf:
                     for i, path in enumerate(paths):
-                        yield i, zf.read(self.members[path])
+                        with zf.open(str(self.members[path])) as fh:
+                            yield i, read_bounded(fh, limit, self.where, path, key)
                 return
             wanted = {self.members[path]: i for i, path in enumerate(paths)}
             with tarfile.open(self.archive, "r:*") as tar:
@@ -100,9 +110,10 @@ class Tree:
                     # TarFile keeps every header it has read; these are read once, front to back.
                     tar.members.clear()
                     if member.offset in wanted:
-                        yield wanted[member.offset], tar.extractfile(member).read()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-            raise DataError(f"{self.where}: not a readable tar or zip archive ({exc})") from None
+                        with tar.extractfile(member) as fh:
+                            yield wanted[member.offset], read_bounded(fh, limit, self.where, member.name, key)
+        except READ_ERRORS as exc:
+            raise DataError(f"{self.where}: not a readable tar or zip archive ({why(exc)})") from None
 
 
 def scan_folder(root: Path, name: str | None = None) -> Tree:
@@ -121,7 +132,9 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
         for name in sorted(f for f in filenames if not is_clutter(f)):
             path = here / name
             rel = path.relative_to(root).as_posix()
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+            if not is_utf8(rel):
+                entries.append(Entry(rel, NOT_UTF8))
+            elif path.is_symlink() and not path.resolve().is_relative_to(real_root):
                 entries.append(Entry(rel, "a symlink pointing outside the folder"))
             elif not path.is_file():
                 entries.append(Entry(rel, "not a regular file"))
@@ -130,23 +143,28 @@ def scan_folder(root: Path, name: str | None = None) -> Tree:
     return Tree(where, sorted(entries, key=lambda e: e.path), root=root)
 
 
-def scan_archive(archive: Path) -> Tree:
-    """A tar (any compression) or zip archive's members, listed without keeping their bytes."""
+def scan_archive(archive: Path, limits: Limits = DEFAULT_LIMITS) -> Tree:
+    """A tar (any compression) or zip archive's members, listed without keeping their bytes;
+    refused in one line past `limits` (member size, member count, total size)."""
     entries: dict[str, Entry] = {}
     members: dict[str, int | str] = {}
+    tally = Tally(archive.name, limits)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
+                    tally.add(info.filename, info.file_size)
                     is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info.filename)
+                    _add_member(entries, members, info.filename, info.is_dir(), is_link, info.filename,
+                                None if info.is_dir() else zip_problem(info))
         else:
             with tarfile.open(archive, "r:*") as tar:
                 while (m := tar.next()) is not None:
                     tar.members.clear()  # as in Tree.sources: only the offsets are kept
+                    tally.add(m.name, m.size if m.isfile() else 0)
                     _add_member(entries, members, m.name, m.isdir(), not (m.isfile() or m.isdir()), m.offset)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"{archive.name}: not a readable tar or zip archive ({exc})") from None
+    except READ_ERRORS as exc:
+        raise DataError(f"{archive.name}: not a readable tar or zip archive ({why(exc)})") from None
     listed = sorted(entries.values(), key=lambda e: e.path)
     # Archives usually wrap everything in one folder (photos/cats/1.jpg): a data set has at
     # least two classes, so a single top-level folder is such a wrapper.
@@ -156,18 +174,23 @@ def scan_archive(archive: Path) -> Tree:
         cut = len(top) + 1
         listed = [Entry(e.path[cut:], e.problem) for e in listed]
         members = {k[cut:]: v for k, v in members.items()}
-    return Tree(archive.name, listed, archive=archive, members=members)
+    return Tree(archive.name, listed, archive=archive, members=members, limits=limits)
 
 
 def _add_member(entries: dict[str, Entry], members: dict[str, int | str], name: str, is_dir: bool, is_link: bool,
-                member: int | str) -> None:
+                member: int | str, unreadable: str | None = None) -> None:
     parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
+    if not is_utf8(name):
+        if not is_dir:
+            entries[name] = Entry(name, NOT_UTF8)
+    elif name.startswith(("/", "\\")) or ".." in parts:  # before the clutter rule: ".." starts with a dot
         entries[name] = Entry(name, "a member path outside the archive")
     elif is_dir or not parts or any(is_clutter(p) for p in parts):
         return
     elif is_link:
         entries[name] = Entry(name, "a link or special member (never followed)")
+    elif unreadable:
+        entries[name] = Entry(name, unreadable)
     else:
         path = PurePosixPath(*parts).as_posix()
         members[path] = member
@@ -335,7 +358,12 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
                         "remove test_fraction from its datasets entry")
     scratch_path = out_dir / SCRATCH
     try:
+        # The scratch copy plus the splits gathered from it (at most every image again).
+        per_image = int(np.prod(plan.shape))
+        require_free(out_dir, 2 * len(images) * (per_image + 8) + (1 << 20),
+                     f"preprocessing {len(images):,} images of {'x'.join(map(str, plan.shape))}")
         scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(images), *plan.shape))
+        preallocate(scratch_path)
         decoded: dict[str, tuple[str, int]] = {}  # path -> (content SHA-256, row of scratch)
         looks = quality.Looks.empty(len(images))  # by scratch row, as the pixels
         for i, sha, pixels, problem, seen in decode_all(tree, images, plan.shape, plan.resize, plan.workers,
@@ -351,7 +379,7 @@ def read_tree(tree: Tree, plan: ReadPlan, out_dir: Path | None = None) -> Folder
         bad = {path for path, _ in problems}
         if problems and not plan.skip_bad:
             problems.sort()
-            names = "; ".join(f"{p}: {why}" for p, why in problems[:3])
+            names = "; ".join(f"{shown(p)}: {why}" for p, why in problems[:3])
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise DataError(f"{tree.where}: {len(problems)} bad file(s): {names}{more}; fix or remove them, "
                             "or set bad_files: skip in its datasets entry to leave them out")
@@ -406,7 +434,7 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
         rows = [(*r[:4], near.left_out[r[0]]) if r[0] in near.left_out else r for r in rows]
         for name in SPLITS:
             members[name] = [img for img in members[name] if img.path not in near.left_out]
-    rows += [(path, "", "", "", f"skipped: {why}") for path, why in problems]
+    rows += [(_written(path), "", "", "", f"skipped: {why}") for path, why in problems]
     _check_every_class_split(tree, classes, members)
     # Scratch rows follow the sorted paths, so each split's rows (sorted by path) ascend: the
     # gather reads the scratch file front to back.
@@ -428,8 +456,13 @@ def _assemble(tree: Tree, good: list[Image], decoded: dict[str, tuple[str, int]]
     if duplicates:
         log.info("%s: %d exact duplicate file(s) found; each duplicate stays in its original's split, unused",
                  tree.where, duplicates)
-    return FolderData(splits, classes, _manifest_csv(rows), [{"path": p, "reason": why} for p, why in problems],
+    return FolderData(splits, classes, _manifest_csv(rows), [{"path": _written(p), "reason": why} for p, why in problems],
                       duplicates, used.hexdigest(), layout, stats.result(), near_duplicates=near.summary)
+
+
+def _written(path: str) -> str:
+    """A skipped file's path as the manifest and meta.json (UTF-8 files) hold it."""
+    return path if is_utf8(path) else printable(path)
 
 
 def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, list[Image]]) -> None:
@@ -437,7 +470,7 @@ def _check_every_class_split(tree: Tree, classes: list[str], members: dict[str, 
     for c in classes:
         have = {name: counts[name][c] for name in counts}
         if not all(have.values()):
-            raise DataError(f"{tree.where}: class {c!r} has too few images to split (train {have['train']}, "
+            raise DataError(f"{tree.where}: class {quoted(c)} has too few images to split (train {have['train']}, "
                             f"val {have['val']}, test {have['test']}); every split needs at least one: "
                             "add images or raise preprocess.val_fraction / test_fraction")
 

@@ -25,9 +25,11 @@ import yaml
 from imgclf.atomic import write_json, write_text
 from imgclf.config import DatasetConfig, PreprocessConfig
 from imgclf.data import folder
+from imgclf.data.archive import MIB, Limits
 from imgclf.data.dataset import ChannelStats, stratified_split, write_split
 from imgclf.data.download import stored_name
 from imgclf.data.raw import load_raw
+from imgclf.diskspace import require_free
 from imgclf.errors import DataError
 
 MANIFEST = "manifest.csv"
@@ -53,7 +55,10 @@ def write_processed(out_dir: Path, name: str, ds: DatasetConfig, pre: Preprocess
 
 
 def _write_builtin(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessConfig, raw_dir: Path) -> dict[str, Any]:
-    train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()))
+    train_full, test = load_raw(raw_dir, ds.format, tuple(ds.classes or ()), archive_limits(name, ds))
+    n = len(train_full.labels) + len(test.labels)
+    per_image = int(np.prod(train_full.images.shape[1:]))
+    require_free(out_dir, n * (per_image + 8) + (1 << 20), f"preprocessing {n:,} images")
     train_idx, val_idx = stratified_split(train_full.labels, pre.val_fraction, pre.seed)
     stats = ChannelStats(train_full.images.shape[1])
     write_split(out_dir, "train", train_full.images, train_full.labels, train_idx, stats)
@@ -75,7 +80,7 @@ def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessCo
         source, version = _folder_source(root, ds.folder)
     else:
         (file, checksum), = (ds.files or {}).items()
-        tree = folder.scan_archive(raw_dir / stored_name(file))
+        tree = folder.scan_archive(raw_dir / stored_name(file), archive_limits(name, ds))
         source = {"kind": "archive", "file": file, "checksum": checksum}  # not the mirrors: see above
         version = {"checksum": checksum}
     assert ds.image_size is not None and ds.channels is not None  # DatasetConfig requires both for folders
@@ -93,6 +98,13 @@ def _write_folder(out_dir: Path, name: str, ds: DatasetConfig, pre: PreprocessCo
                 duplicates=data.duplicates, skipped=data.skipped, transparency=ds.transparency,
                 blank_images=data.blank, near_duplicates=data.near_duplicates)
     return meta, data.manifest
+
+
+def archive_limits(name: str, ds: DatasetConfig) -> Limits:
+    """The entry's archive limits in bytes, with the params key its messages name."""
+    cfg = ds.archive_limits
+    return Limits(member_bytes=cfg.max_member_mib * MIB, members=cfg.max_members,
+                  total_bytes=cfg.max_total_mib * MIB, key=f"datasets.{name}.archive_limits")
 
 
 def _folder_source(root: Path, rel: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data import cifar, idx
+from imgclf.data.archive import DEFAULT_LIMITS, Limits
 from imgclf.data.dataset import Split, check_labels
 from imgclf.errors import DataError
 
@@ -21,13 +22,15 @@ IDX_FILES = {
 }
 
 
-def load_raw(raw_dir: Path, format: str, classes: tuple[str, ...]) -> tuple[Split, Split]:
+def load_raw(raw_dir: Path, format: str, classes: tuple[str, ...],
+             limits: Limits = DEFAULT_LIMITS) -> tuple[Split, Split]:
     """Official train and test splits from data/raw, checked for shape and label range.
 
-    `format`: "idx", the four IDX files of the MNIST family; "cifar", CIFAR-10's binary tarball.
+    `format`: "idx", the four IDX files of the MNIST family; "cifar", CIFAR-10's binary tarball
+    (read within `limits`).
     """
     if format == "cifar":
-        (train_images, train_labels), (test_images, test_labels) = cifar.read(raw_dir / cifar.ARCHIVE, classes)
+        (train_images, train_labels), (test_images, test_labels) = cifar.read(raw_dir / cifar.ARCHIVE, classes, limits)
         return Split(train_images, train_labels), Split(test_images, test_labels)
     train, test = (_read_idx(raw_dir, *IDX_FILES[split], len(classes)) for split in ("train", "test"))
     return train, test
