@@ -82,7 +82,7 @@ def test_card_from_fixed_figures_reads_line_by_line():
         "- Architecture: cnn, batch_norm True, channels [16, 32], dropout 0.0, hidden 128 (25000 parameters).",
         "- 9 epochs (best checkpoint: epoch 8), optimizer sgd, lr 0.2 (onecycle schedule), batch size 256, "
         "augmentation: shifts of up to 4 pixels, horizontal flips, precision bf16, seed 0.",
-        "**promoted** against version 4: significantly better (p=0.00123 < 0.05). Difference +3.10 points "
+        "**promoted** (compared with version 4): significantly better (p=0.00123 < 0.05). Difference +3.10 points "
         "(95% interval +1.23 to +4.99) on the same 820 test images.",
         f"- dog: test accuracy 70.00%, more than 10 points below the overall {_pct(right / n)}.",
         f"- fox: 20 test images, too few to tell: its 95% interval is {_pct(_cp(18, 20)[0], 1)} to "
@@ -185,7 +185,7 @@ def test_card_is_on_the_version_and_its_run_once_per_pair(store, name, tmp_path,
     better, wrote = evaluate_and_card({"a": 98, "b": 98, "c": 98, "d": 98})
     assert wrote and better.outcome == "promoted"
     card = client.get_model_version(name, better.version).description
-    assert f"**promoted** against version {first.version}: " in card
+    assert f"**promoted** (compared with version {first.version}): " in card
     assert "Difference +18.00 points" in card
 
     # The same pair again: the decision's record stands, and so does the card (no new artifact
@@ -225,3 +225,10 @@ def test_a_version_from_before_cards_gets_one_and_keeps_a_hand_written_descripti
     # meta.json of a minimal processed set (no title, counts or split keys) still gives a card.
     assert card.startswith(f"# Model card: {name} version {old.version}\n")
     assert "images of toy (`toy`) into 4 classes: a, b, c, d." in card
+
+    # A card whose writing stopped before its tag (the description is a card, no tag): replaced.
+    client.delete_model_version_tag(name, old.version, champion.CARD_TAG)
+    client.update_model_version(name, old.version, description=f"{modelcard.TITLE}{name} version {old.version}\n")
+    assert champion.record_card(name, old.version, pipe.run_id, "cnn", TOY, confusion, meta,
+                                champion.test_digest(processed))
+    assert client.get_model_version(name, old.version).description == card

@@ -166,7 +166,8 @@ def record_card(name: str, version: str, run_id: str, model_key: str, classes: l
                       if k in run.data.tags},
             decision=decision)
         client.log_text(run_id, modelcard.build(facts), modelcard.ARTIFACT)
-        if not found.description or CARD_TAG in found.tags:
+        described = not found.description or found.description.startswith(modelcard.TITLE)
+        if described:
             client.update_model_version(name, version, description=modelcard.description(facts))
         else:
             log.warning("%s version %s: its description was written by hand and stays; the model card is "
@@ -176,8 +177,8 @@ def record_card(name: str, version: str, run_id: str, model_key: str, classes: l
     except MlflowException as exc:
         raise TrackingError(f"{model_key}: writing the model card of version {version} of {name!r} failed: "
                             f"{exc.message}") from None
-    log.info("%s version %s: model card written (%s on run %s, and the version's description)", name,
-             version, modelcard.ARTIFACT, run_id)
+    log.info("%s version %s: model card written (%s on run %s%s)", name, version, modelcard.ARTIFACT, run_id,
+             ", and as the version's description" if described else "")
     return True
 
 

@@ -17,6 +17,7 @@ from imgclf.data.dataset import source_version
 from imgclf.promotion import exact_interval
 
 ARTIFACT = "model_card/model_card.md"  # on the version's run
+TITLE = "# Model card: "  # every card's first line starts so
 CONFIDENCE = 0.95
 # MLflow keeps a model version's description in a VARCHAR(5000) column (its SQL stores'
 # model_versions.description): PostgreSQL refuses a longer one, SQLite would keep it whole.
@@ -91,7 +92,7 @@ def _what(f: Facts, results: list[ClassResult]) -> list[str]:
     title = meta.get("title") or meta.get("dataset", "?")
     right, n = sum(r.right for r in results), sum(r.images for r in results)
     low, high = exact_interval(right, n, CONFIDENCE) if n else (0.0, 1.0)
-    return [f"# Model card: {f.name} version {f.version}", "",
+    return [f"{TITLE}{f.name} version {f.version}", "",
             f"`{f.model_key}` classifies {kind}images of {title} (`{meta.get('dataset', '?')}`) into "
             f"{len(f.classes)} classes: {', '.join(names)}{more}.", "",
             f"**Test accuracy: {_pct(right / n if n else 0.0)}** ({100 * CONFIDENCE:g}% interval {_pct(low)} to "
@@ -181,7 +182,8 @@ def _decision(f: Facts) -> list[str]:
     if not outcome:
         return [*lines, "None recorded."]
     against = d.get("compared_against", "none")
-    text = f"**{outcome}**" + ("" if against == "none" else f" against version {against}") + f": {d.get('reason', '')}."
+    head = f"**{outcome}**" if against == "none" else f"**{outcome}** (compared with version {against})"
+    text = f"{head}: {d.get('reason', '')}."
     try:
         low, high = (float(x) for x in d["interval"].strip("[]").split(","))
         text += (f" Difference {_points(float(d['difference']))} points ({100 * CONFIDENCE:g}% interval "
