@@ -7,7 +7,8 @@ on exactly today's test images; where the champion trained on some of them (its 
 manifest, recorded with every version, says so), those are left out. imgclf.promotion compares
 and decides; the decision goes on the version (tags `promotion.*`), onto the run
 (`champion/comparison.json` and `.md`) and into one log line. The alias moves under a lock and
-only if it still points where it pointed when the comparison began.
+only if it still points where it pointed when the comparison began. Then `record_card` writes
+the version's model card (imgclf.modelcard), decision included, keyed the same way.
 
 The champion is state outside the DVC graph, so nothing here is a DVC output: the decision is
 an MLflow record keyed by (version, champion version, test images), never a file DVC's run

@@ -4,7 +4,7 @@ champion decision was, where it falls short and how to get it back.
 
 Pure: the facts the evaluate stage already holds come in (the test confusion counts, meta.json,
 the run's params and tags, the version's `promotion.*` tags), Markdown comes out; no figure
-is typed here. imgclf.registry writes the card onto the version (artifact and description).
+is typed here. imgclf.champion.record_card writes it onto the version (artifact and description).
 """
 
 from __future__ import annotations
