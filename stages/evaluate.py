@@ -40,6 +40,9 @@ def main() -> None:
                                     move_alias=False)
         if version is not None:
             champion.challenge(version, run_id, name, evaluation, meta, policy, PROCESSED_DIR, ROOT)
+            # After the decision, which the card reports (docs/modelcard.md).
+            champion.record_card(registered, version.version, run_id, name, evaluation.classes,
+                                 evaluation.result["confusion"], meta, champion.test_digest(PROCESSED_DIR))
 
 
 if __name__ == "__main__":

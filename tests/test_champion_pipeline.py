@@ -108,9 +108,12 @@ def test_champion_and_challenger_through_the_pipeline(tmp_path):
     assert comparison["new_classes"] == [NEW_CLASS]
     v1_training = {r["sha256"] for r in csv.DictReader(io.StringIO(kept)) if r["split"] in ("train", "val")}
     assert not v1_training & {r["sha256"] for r in rows}
-    # One log line, and the report's section.
+    # One log line, and the report's section; then the version's model card (docs/modelcard.md).
     lines = [line for line in out.splitlines() if "imgclf.champion:" in line]
-    assert len(lines) == 1 and "cnn version 2 vs champion version 1 on the same" in lines[0], lines
+    assert len(lines) == 2 and "cnn version 2 vs champion version 1 on the same" in lines[0], lines
+    assert f"{REGISTERED} version 2: model card written" in lines[1], lines
+    assert v2.description.startswith(f"# Model card: {REGISTERED} version 2\n")
+    assert "**manual** (compared with version 1): classes differ" in v2.description
     report = (project.path / "reports/report.md").read_text()
     assert "## Champion and challenger" in report and f"| {NEW_CLASS} (new) |" in report
     _commit_all(project, "trained v2")
@@ -132,6 +135,7 @@ def test_champion_and_challenger_through_the_pipeline(tmp_path):
     ran, out = _repro(project, "-f", "-s", "evaluate@cnn")
     assert ran == {"evaluate@cnn"}
     assert "was compared with champion version 1 on these test images before: manual" in out
+    assert f"{REGISTERED} version 2: its model card (compared against 1, these test images) stands" in out
     assert client.get_model_version(REGISTERED, "2").tags == before
     assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "1"
     assert git(project.path, "status", "--porcelain") == ""

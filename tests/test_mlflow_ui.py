@@ -257,3 +257,37 @@ def test_mlflow_ui_compares_two_learning_rates(logged_in, compared_runs, https_t
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("IMGCLF_SCREENSHOT"):
         (ROOT / os.environ["IMGCLF_SCREENSHOT"]).write_bytes(shot.read_bytes())
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_model_card_on_the_version_page(logged_in, compared_runs, https_team_server, monkeypatch):
+    """The evaluate stage wrote the registered version's model card (imgclf.modelcard) as its
+    description: the version's page shows it, rendered, to a user who may only READ."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from imgclf.config import MlflowConfig, load_section
+    from imgclf.modelcard import ARTIFACT
+
+    browser, server = logged_in, https_team_server
+    for key, value in server.env(VIEWER).items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(server.url)
+    client = MlflowClient(tracking_uri=server.url)
+    name = load_section("mlflow", MlflowConfig).registered_name
+    version, = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id in compared_runs.committed]
+    card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/{ARTIFACT}")
+    assert version.description == card
+    title = card.splitlines()[0].removeprefix("# ")
+    assert title == f"Model card: {name} version {version.version}"
+    accuracy = client.get_run(version.run_id).data.metrics["test/accuracy"]
+    shown_accuracy, = [line.replace("**", "") for line in card.splitlines() if line.startswith("**Test accuracy: ")]
+    assert shown_accuracy.startswith(f"Test accuracy: {100 * accuracy:.2f}% (95% interval ")
+
+    browser.get(f"{server.url}/#/models/{urllib.parse.quote(name)}/versions/{version.version}")
+    _wait_for_text(browser, title, shown_accuracy)
+    # Markdown rendered: the title a heading, the per-class figures a table.
+    headings = browser.execute_script("return Array.from(document.querySelectorAll('h1')).map(h => h.innerText.trim())")
+    assert title in headings, headings
+    assert _row(browser.execute_script(TABLE_ROWS_JS), "class") == ["train", "val", "test", "test accuracy",
+                                                                     "95% interval"]

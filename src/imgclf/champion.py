@@ -7,7 +7,8 @@ on exactly today's test images; where the champion trained on some of them (its 
 manifest, recorded with every version, says so), those are left out. imgclf.promotion compares
 and decides; the decision goes on the version (tags `promotion.*`), onto the run
 (`champion/comparison.json` and `.md`) and into one log line. The alias moves under a lock and
-only if it still points where it pointed when the comparison began.
+only if it still points where it pointed when the comparison began. Then `record_card` writes
+the version's model card (imgclf.modelcard), decision included, keyed the same way.
 
 The champion is state outside the DVC graph, so nothing here is a DVC output: the decision is
 an MLflow record keyed by (version, champion version, test images), never a file DVC's run
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgclf import promotion, registry, tracking
+from imgclf import modelcard, promotion, registry, tracking
 from imgclf.champion_record import COMPARISON_DIR
 from imgclf.config import PromotionConfig
 from imgclf.data.dataset import load_split
@@ -49,6 +50,9 @@ MANIFEST_FILE = "manifest.csv"  # written by preprocess for image folders (imgcl
 MANIFEST_ARTIFACT = "data/manifest.csv"  # where each registered version's run keeps it
 MANIFEST_TAG = "training_manifest"  # version tag: the run's artifact path, or why there is none
 BUILTIN_MANIFEST = "none: built-in data set (its official test split is never trained on)"
+# Version tag: the champion compared against and the test images the version's model card was
+# written for. Evaluating the same pair again leaves that card as it is.
+CARD_TAG = "model_card"
 LOCK_WAIT_S = 600  # another evaluation comparing against the same champion: wait for it, this long at most
 BATCH = 256
 
@@ -75,14 +79,19 @@ def _test_rows(manifest: Path) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["path"])
 
 
+def test_digest(processed_dir: Path) -> str:
+    """Identifies exactly today's test images and labels (the decision's and the card's key)."""
+    digest = hashlib.sha256()
+    for part in ("test_images.npy", "test_labels.npy"):
+        digest.update(tracking.file_sha256(processed_dir / part).encode())
+    return digest.hexdigest()
+
+
 def test_images(processed_dir: Path, meta: dict[str, Any]) -> TestImages:
     """Today's test split, checked against the manifest where there is one."""
     test = load_split(processed_dir, "test", meta, mmap=True)
     classes = list(meta["classes"])
     labels = [classes[int(i)] for i in test.labels]
-    digest = hashlib.sha256()
-    for part in ("test_images.npy", "test_labels.npy"):
-        digest.update(tracking.file_sha256(processed_dir / part).encode())
     manifest = processed_dir / MANIFEST_FILE
     sha = paths = None
     if manifest.is_file():
@@ -91,7 +100,7 @@ def test_images(processed_dir: Path, meta: dict[str, Any]) -> TestImages:
             raise DataError(f"{manifest}: its test rows ({len(rows)}) do not match the test split "
                             f"({len(labels)} images); run `dvc repro preprocess`")
         sha, paths = [r["sha256"] for r in rows], [r["path"] for r in rows]
-    return TestImages(np.asarray(test.images), labels, sha, paths, digest.hexdigest(), meta.get("resize"))
+    return TestImages(np.asarray(test.images), labels, sha, paths, test_digest(processed_dir), meta.get("resize"))
 
 
 # --- the training manifest of every version ---------------------------------------------------------
@@ -120,6 +129,58 @@ def training_hashes(client: MlflowClient, version: Any) -> set[str] | None:
         return None
     text = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=where)).read_text("utf-8")
     return {r["sha256"] for r in csv.DictReader(io.StringIO(text)) if r["split"] in ("train", "val") and r["sha256"]}
+
+
+# --- the model card of every version (imgclf.modelcard) ----------------------------------------------
+
+def record_card(name: str, version: str, run_id: str, model_key: str, classes: list[str],
+                confusion: list[list[int]], meta: dict[str, Any], test_data: str,
+                client: MlflowClient | None = None) -> bool:
+    """Write the model card of version `version` of `name`, after the champion decision (which it
+    reports from the version's tags): the whole card as an artifact of its run, and as the
+    version's description (what the MLflow UI shows on the version's page), cut to fit the
+    stores' limit. `test_data`: `test_digest` of today's test images. Returns False when the
+    card written for this champion and these test images stands (the same pair, evaluated again).
+
+    A description someone wrote by hand stays: only an empty one or an earlier card is replaced.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    prefix = promotion.TAG_PREFIX
+    client = client or MlflowClient()
+    try:
+        found = client.get_model_version(name, version)
+        # The decision evaluate recorded; a move by hand (promotion.manual.*) came later.
+        decision = {k.removeprefix(prefix): v for k, v in found.tags.items()
+                    if k.startswith(prefix) and not k.startswith(f"{prefix}manual.")}
+        key = f"{decision.get('compared_against', 'none')} {test_data}"
+        if found.tags.get(CARD_TAG) == key:
+            log.info("%s version %s: its model card (compared against %s, these test images) stands", name,
+                     version, decision.get("compared_against", "none"))
+            return False
+        run = client.get_run(run_id)
+        facts = modelcard.Facts(
+            name=name, version=str(version), model_key=model_key, run_id=run_id, classes=list(classes),
+            confusion=[list(map(int, row)) for row in confusion], meta=meta, params=dict(run.data.params),
+            run_tags={k: run.data.tags[k] for k in ("git_commit", "data_version", "data_source_version", "best_epoch")
+                      if k in run.data.tags},
+            decision=decision)
+        client.log_text(run_id, modelcard.build(facts), modelcard.ARTIFACT)
+        described = not found.description or found.description.startswith(modelcard.TITLE)
+        if described:
+            client.update_model_version(name, version, description=modelcard.description(facts))
+        else:
+            log.warning("%s version %s: its description was written by hand and stays; the model card is "
+                        "%s on run %s", name, version, modelcard.ARTIFACT, run_id)
+        # The tag last: a version says it has its card only once the card is there.
+        client.set_model_version_tag(name, version, CARD_TAG, key)
+    except MlflowException as exc:
+        raise TrackingError(f"{model_key}: writing the model card of version {version} of {name!r} failed: "
+                            f"{exc.message}") from None
+    log.info("%s version %s: model card written (%s on run %s%s)", name, version, modelcard.ARTIFACT, run_id,
+             ", and as the version's description" if described else "")
+    return True
 
 
 # --- scoring the champion ---------------------------------------------------------------------------

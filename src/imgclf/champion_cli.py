@@ -214,10 +214,7 @@ def _decode_all(images: Labelled, predictor: Any) -> np.ndarray:
 
 
 def _interval(right: int, n: int) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
-    ci = binomtest(right, n).proportion_ci(confidence_level=CONFIDENCE, method="exact")
-    return float(ci.low), float(ci.high)
+    return champion.promotion.exact_interval(right, n, CONFIDENCE)
 
 
 def summarize(actual: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:

@@ -66,17 +66,24 @@ def mcnemar_p(pairs: Paired) -> float:
     return float(binomtest(pairs.challenger_only, pairs.discordant, 0.5).pvalue)
 
 
+def exact_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a proportion, `successes` of `n` (n > 0), at
+    `confidence`: an accuracy's, or a share of discordant images'."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def difference_interval(pairs: Paired, confidence: float) -> tuple[float, float]:
     """Interval of challenger accuracy minus champion accuracy at `confidence`: the exact
     (Clopper-Pearson) interval of the challenger's share of the discordant images, mapped to
     the difference (2 * share - 1) * discordant / n. (0, 0) when the models agree on every image."""
-    from scipy.stats import binomtest
-
     m, n = pairs.discordant, pairs.n
     if m == 0:
         return 0.0, 0.0
-    ci = binomtest(pairs.challenger_only, m, 0.5).proportion_ci(confidence_level=confidence, method="exact")
-    return float((2 * ci.low - 1) * m / n), float((2 * ci.high - 1) * m / n)
+    low, high = exact_interval(pairs.challenger_only, m, confidence)
+    return (2 * low - 1) * m / n, (2 * high - 1) * m / n
 
 
 @dataclass(frozen=True)
