@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import yaml
 
 from imgclf import cli, tracking
+from imgclf.champion_record import HISTORY_TAG
 from imgclf.config import MlflowConfig, load_section, read_params
 from imgclf.errors import ConfigError, DataError, TrackingError
 from imgclf.paths import ROOT
@@ -363,8 +364,9 @@ def format_lineage(x: Lineage) -> str:
         for v in x.versions:
             when = _time(v["registered_ms"])
             aliases = f", alias {', '.join(v['aliases'])} now" if v["aliases"] else ", no alias now"
-            tags = ", ".join(f"{k}={val}" for k, val in v["tags"].items())
+            tags = ", ".join(f"{k}={val}" for k, val in v["tags"].items() if k != HISTORY_TAG)
             lines.append(f"    {v['name']} version {v['version']}: registered {when}{aliases}" + (f"; tags {tags}" if tags else ""))
+            lines += [f"      {entry}" for entry in v["tags"].get(HISTORY_TAG, "").splitlines()]
     else:
         lines.append("  registry:        not registered")
     if x.restore:
