@@ -86,10 +86,8 @@ def _client(registered_model: str | None = None, experiment: str | None = None) 
     import mlflow
     from mlflow import MlflowClient
 
-    from imgclf.predict import _check_store
-
     uri = tracking.tracking_uri()
-    _check_store(uri)
+    tracking.check_store(uri, "the registered model")
     tracking.check_reachable(uri, experiment, registered_model)
     mlflow.set_tracking_uri(uri)
     return MlflowClient()
