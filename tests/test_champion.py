@@ -237,7 +237,7 @@ def test_alias_moves_only_from_where_the_comparison_began(store, name, tmp_path)
     p.evaluate({c: 3 for c in CLASSES})
     client = MlflowClient()
     with pytest.raises(TrackingError, match="moved from version 2 to 1 while this comparison ran"):
-        champion.move_alias(client, name, "2", "2")
+        champion.move_alias(client, name, "2", "2", "a test")
     assert p.champion() == "1"
 
 
@@ -276,6 +276,18 @@ def test_promote_and_roll_back_by_hand_are_recorded(store, name, tmp_path, monke
     assert tags["promotion.outcome"] == "kept"  # the automatic decision stays on record beside it
     champion_cli.move(name, "1", "version 2 misreads the night shots", "rolled back")
     assert p.champion() == "1" and p.tags("1")["promotion.manual.action"] == "rolled back"
+    # Each version's history: when it became and stopped being champion, and why, oldest first.
+    when = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    history = {v: p.tags(v)[champion.HISTORY_TAG].splitlines() for v in ("1", "2")}
+    assert [re.fullmatch(f"{when}: (.*)", line).group(1) for line in history["1"]] == [
+        "became champion: there was no champion (evaluate@cnn)",
+        "stopped being champion (replaced by version 2): promoted by hand by alice: the new photos look like "
+        "version 2's",
+        "became champion (replacing version 2): rolled back by hand by alice: version 2 misreads the night shots"]
+    assert [re.fullmatch(f"{when}: (.*)", line).group(1) for line in history["2"]] == [
+        "became champion (replacing version 1): promoted by hand by alice: the new photos look like version 2's",
+        "stopped being champion (replaced by version 1): rolled back by hand by alice: version 2 misreads the "
+        "night shots"]
 
     # A version of another data set, an unknown version, no reason: one line each, nothing moved.
     from mlflow import MlflowClient
@@ -459,3 +471,40 @@ def test_champion_of_another_image_size_reads_todays_files_its_own_way(store, na
     with pytest.raises(Exception):  # noqa: B017 - whichever error torch.export's shape guard raises
         champion.score(from_mlflow(f"models:/{name}/1"), split.images)
     assert result.record["comparison"]["compared"] == 20 and result.outcome == "kept"
+
+
+def test_the_record_says_what_changed_in_the_data_since_the_champion_learned(store, name, tmp_path):
+    """The champion's manifest (kept with its version) against today's: per class, images added,
+    removed and relabelled, and both versions' counts; the report shows it."""
+    from imgclf.champion_record import recorded
+    from imgclf.report import _data_change_blocks
+
+    processed, meta, actual = _processed(tmp_path, CLASSES, per_class=5)
+    p = Pipeline(store, name, processed, meta, actual)
+    p.evaluate({c: 2 for c in CLASSES})
+    manifest = processed / "manifest.csv"
+    rows = list(csv.reader(io.StringIO(manifest.read_text())))
+    header, body = rows[0], rows[1:]
+    train = [r for r in body if r[2] == "train"]
+    b_rows = [r for r in train if r[1] == "b"][:2]
+    c_row = next(r for r in train if r[1] == "c")
+    body = [r for r in body if r not in b_rows]  # two of b's training images removed
+    body[body.index(c_row)] = [c_row[0].replace("c/", "d/"), "d", "train", c_row[3], ""]  # relabelled c -> d
+    body += [[f"a/new{i}.png", "a", "train", f"sha-new-{i}", ""] for i in range(3)]  # three added to a
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *sorted(body)])
+    manifest.write_text(buf.getvalue())
+    p.evaluate({c: 5 for c in CLASSES})  # version 2, against version 1 and the data it learned
+
+    change = recorded(name, p.run_id)["record"]["data_change"]
+    assert change["changes"] == {"a": {"added": 3}, "b": {"removed": 2}, "c": {"relabelled_out": 1},
+                                 "d": {"relabelled_in": 1}}
+    assert change["moved_split"] == 0
+    assert change["counts"]["old"]["a"] == {"train": 5, "val": 0, "test": 5}
+    assert change["counts"]["new"]["a"] == {"train": 8, "val": 0, "test": 5}
+    assert change["relabelled"] == [{"path": c_row[0].replace("c/", "d/"), "from": "c", "to": "d"}]
+    blocks = _data_change_blocks(change, "1")
+    assert blocks[0] == ("h3", "What changed in the data")
+    table = next(b for b in blocks if b[0] == "table")
+    assert table[2][0] == ["a", "5/0/5", "8/0/5", "3", "0", "0", "0"]
+    assert table[2][1] == ["b", "5/0/5", "3/0/5", "0", "2", "0", "0"]

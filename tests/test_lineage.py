@@ -3,13 +3,14 @@ model handle to its lineage, from a data version to its runs and versions, and o
 each kind of bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from imgclf import dvcfiles, lineage, runlog, tracking
+from imgclf import champion, dvcfiles, lineage, runlog, tracking
 
 NAME = "shirts"
 SOURCE = {"v1": "1" * 32 + ".dir", "v2": "2" * 32 + ".dir"}
@@ -53,7 +54,8 @@ def store(tmp_path, monkeypatch):
     for run_id, accuracy in ((first, 0.81), (second, 0.86)):
         client.create_model_version(NAME, source=f"runs:/{run_id}/model", run_id=run_id,
                                     tags={"test_accuracy": repr(accuracy)})
-    client.set_registered_model_alias(NAME, "champion", "2")
+    champion.move_alias(client, NAME, None, "1", "there was no champion")
+    champion.move_alias(client, NAME, "1", "2", "significantly better")
     with mlflow.start_run(experiment_id=tracking.setup("lineage-test"), run_name="old") as old:
         mlflow.log_param("lr", 0.1)
     return {"runs": {"v1": first, "v2": second}, "files": {"v1": first_file, "v2": second_file},
@@ -92,6 +94,12 @@ def test_the_text_form_names_data_code_metrics_registry_and_restore(store, capsy
     assert f"data version:    {SOURCE['v2']}" in text and f"processed data:  {PROCESSED['v2']}" in text
     assert "test/accuracy 0.8600" in text
     assert f"{NAME} version 2: registered " in text and "alias champion now" in text
+    # When it became champion, replacing which version, and why (the registry keeps no history).
+    assert re.search(r"\n      \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: became champion \(replacing version 1\): "
+                     r"significantly better\n", text), text
+    first = trace(capsys, f"models:/{NAME}/1")
+    assert "UTC: became champion: there was no champion\n" in first
+    assert "UTC: stopped being champion (replaced by version 2): significantly better\n" in first
     assert "restore (in a fresh clone):" in text and "    dvc pull" in text
 
 

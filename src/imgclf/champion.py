@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgclf import modelcard, promotion, registry, tracking
-from imgclf.champion_record import COMPARISON_DIR
+from imgclf.champion_record import COMPARISON_DIR, HISTORY_TAG
 from imgclf.config import PromotionConfig
 from imgclf.data.dataset import load_split
 from imgclf.errors import DataError, TrackingError
@@ -70,6 +70,7 @@ class TestImages:
     paths: list[str] | None
     digest: str  # identifies exactly these images and labels
     resize: str | None
+    manifest: str | None = None  # today's whole manifest (image folders), for what changed in the data
 
 
 def _test_rows(manifest: Path) -> list[dict[str, str]]:
@@ -100,7 +101,8 @@ def test_images(processed_dir: Path, meta: dict[str, Any]) -> TestImages:
             raise DataError(f"{manifest}: its test rows ({len(rows)}) do not match the test split "
                             f"({len(labels)} images); run `dvc repro preprocess`")
         sha, paths = [r["sha256"] for r in rows], [r["path"] for r in rows]
-    return TestImages(np.asarray(test.images), labels, sha, paths, test_digest(processed_dir), meta.get("resize"))
+    return TestImages(np.asarray(test.images), labels, sha, paths, test_digest(processed_dir), meta.get("resize"),
+                      manifest.read_text(encoding="utf-8") if manifest.is_file() else None)
 
 
 # --- the training manifest of every version ---------------------------------------------------------
@@ -115,9 +117,13 @@ def record_manifest(client: MlflowClient, run_id: str, name: str, version: str, 
         client.set_model_version_tag(name, version, MANIFEST_TAG, BUILTIN_MANIFEST)
 
 
-def training_hashes(client: MlflowClient, version: Any) -> set[str] | None:
-    """Content hashes of the images a version trained on (train and val splits), or None when it
-    records no manifest (registered by hand, before manifests were kept, or a built-in data set)."""
+def _trained_on(manifest: str) -> set[str]:
+    # Every train and val row, duplicates and left-out near-duplicates too: the safe side.
+    return {r["sha256"] for r in csv.DictReader(io.StringIO(manifest)) if r["split"] in ("train", "val") and r["sha256"]}
+
+
+def training_manifest(client: MlflowClient, version: Any) -> str | None:
+    """The manifest a version recorded (its data's every image, class and split), or None."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is the stage's log
@@ -127,8 +133,18 @@ def training_hashes(client: MlflowClient, version: Any) -> set[str] | None:
         where = MANIFEST_ARTIFACT if MANIFEST_ARTIFACT in found else None
     if where != MANIFEST_ARTIFACT or not version.run_id:
         return None
-    text = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=where)).read_text("utf-8")
-    return {r["sha256"] for r in csv.DictReader(io.StringIO(text)) if r["split"] in ("train", "val") and r["sha256"]}
+    return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=where)).read_text("utf-8")
+
+
+def data_change(champion_manifest: str, today_manifest: str) -> dict[str, Any]:
+    """What changed between the data the champion learned and today's (imgclf.datadiff): per
+    class added, removed, relabelled and moved; the class counts of both; a few examples."""
+    from imgclf.datadiff import diff, parse_manifest
+
+    change = diff(parse_manifest(champion_manifest, "the champion's manifest"),
+                  parse_manifest(today_manifest, "today's manifest"))
+    return {"changes": change["changes"], "counts": change["counts"], "relabelled": change["relabelled"][:10],
+            "moved_split": len(change["moved_split"])}
 
 
 # --- the model card of every version (imgclf.modelcard) ----------------------------------------------
@@ -246,14 +262,33 @@ def current_champion(client: MlflowClient, name: str) -> str | None:
     return str(aliases[registry.CHAMPION]) if registry.CHAMPION in aliases else None
 
 
-def move_alias(client: MlflowClient, name: str, expected: str | None, version: str) -> None:
+HISTORY_LIMIT = 4000  # characters kept (the newest lines): under the stores' tag-value limit of 5,000
+
+
+def move_alias(client: MlflowClient, name: str, expected: str | None, version: str, why: str) -> None:
     """Point `champion` at `version` if it still points at `expected` (compare and set: across
-    machines, the lock alone does not serialize, and a person may have moved it meanwhile)."""
+    machines, the lock alone does not serialize, and a person may have moved it meanwhile), and
+    add the move to both versions' history."""
+    import time
+
     now = current_champion(client, name)
     if now != expected:
         raise TrackingError(f"{name}: {registry.CHAMPION} moved from version {expected} to {now} while this "
                             f"comparison ran; version {version} was not promoted (evaluate it again)")
     client.set_registered_model_alias(name, registry.CHAMPION, version)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    replacing = f" (replacing version {expected})" if expected else ""
+    _add_history(client, name, version, f"{when}: became {registry.CHAMPION}{replacing}: {why}")
+    if expected is not None:
+        _add_history(client, name, expected,
+                     f"{when}: stopped being {registry.CHAMPION} (replaced by version {version}): {why}")
+
+
+def _add_history(client: MlflowClient, name: str, version: str, line: str) -> None:
+    lines = [*client.get_model_version(name, version).tags.get(HISTORY_TAG, "").splitlines(), " ".join(line.split())]
+    while len("\n".join(lines)) > HISTORY_LIMIT and len(lines) > 1:
+        lines.pop(0)
+    client.set_model_version_tag(name, version, HISTORY_TAG, "\n".join(lines)[-HISTORY_LIMIT:])
 
 
 # --- the evaluate stage's step ------------------------------------------------------------------
@@ -309,8 +344,8 @@ def _challenge(client: MlflowClient, name: str, version: str, run_id: str, model
     head = f"{model_key} version {version} of {name}"
     champion = current_champion(client, name)
     if champion is None:
-        move_alias(client, name, None, version)
         reason = "there was no champion"
+        move_alias(client, name, None, version, f"{reason} (evaluate@{model_key})")
         _set_tags(client, name, version, {f"{promotion.TAG_PREFIX}outcome": "first",
                                           f"{promotion.TAG_PREFIX}reason": reason,
                                           f"{promotion.TAG_PREFIX}compared_against": "none"})
@@ -341,7 +376,8 @@ def _challenge(client: MlflowClient, name: str, version: str, run_id: str, model
     notes = []
     exclude = None
     overlap_unknown = False
-    trained_on = training_hashes(client, theirs)
+    learned = training_manifest(client, theirs)
+    trained_on = None if learned is None else _trained_on(learned)
     if today.sha256 is None:
         notes.append("built-in data set: its official test split is never in any version's training data")
     elif trained_on is None:
@@ -363,10 +399,12 @@ def _challenge(client: MlflowClient, name: str, version: str, run_id: str, model
                                    predictor.classes or sorted(set(champion_pred)), exclude, 1 - policy.alpha)
     decision = promotion.decide(comparison, policy, overlap_unknown)
     rec = promotion.record(model_key, version, champion, comparison, decision, policy, today.digest, notes)
+    if learned is not None and today.manifest is not None:
+        rec["data_change"] = data_change(learned, today.manifest)
     client.log_text(run_id, json.dumps(rec, indent=2) + "\n", f"{COMPARISON_DIR}/comparison.json")
     client.log_text(run_id, promotion.markdown(rec), f"{COMPARISON_DIR}/comparison.md")
     if decision.promote:
-        move_alias(client, name, champion, version)
+        move_alias(client, name, champion, version, f"{decision.reason} (evaluate@{model_key}, policy)")
     # The tags last: a version carries a decision only once everything it says has happened.
     _set_tags(client, name, version, promotion.tags(champion, comparison, decision, policy, today.digest))
     log.info("%s", promotion.summary(model_key, version, champion, comparison, decision))

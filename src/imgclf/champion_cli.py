@@ -86,10 +86,8 @@ def _client(registered_model: str | None = None, experiment: str | None = None) 
     import mlflow
     from mlflow import MlflowClient
 
-    from imgclf.predict import _check_store
-
     uri = tracking.tracking_uri()
-    _check_store(uri)
+    tracking.check_store(uri, "the registered model")
     tracking.check_reachable(uri, experiment, registered_model)
     mlflow.set_tracking_uri(uri)
     return MlflowClient()
@@ -147,8 +145,8 @@ def move(name: str, version: str, reason: str, action: str) -> str | None:
                     raise ConfigError(f"version {version} is a {mine} model and the {registry.CHAMPION} (version "
                                       f"{before}) a {theirs} one: a model of another data set cannot serve in its "
                                       "place; nothing moved")
-            champion.move_alias(client, name, before, version)
             tags = {"action": action, "by": who(), "reason": reason.strip(), "replaced": before or "none"}
+            champion.move_alias(client, name, before, version, f"{action} by hand by {tags['by']}: {tags['reason']}")
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, f"{MANUAL}{key}", value)
     except MlflowException as exc:

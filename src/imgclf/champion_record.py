@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 COMPARISON_DIR = "champion"  # run artifacts: comparison.json, comparison.md
+# Per version, one line each time it became or stopped being champion, with when and why: the
+# registry keeps only an alias's current target, so this is its history (imgclf-trace shows it).
+HISTORY_TAG = "champion.history"
 
 
 def recorded(name: str, run_id: str, client: MlflowClient | None = None) -> dict[str, Any] | None:

@@ -68,13 +68,18 @@ def read_manifest(revision: str | None, repo: Path = ROOT) -> dict[str, Image]:
         text = path.read_text(encoding="utf-8")
     else:
         text = _read_at(revision, repo)
+    return parse_manifest(text, f"{MANIFEST} at {revision or WORKING_TREE}")
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Image]:
+    """A manifest's used images by content SHA-256 (duplicates and skipped rows left out)."""
     images: dict[str, Image] = {}
     try:
         for row in csv.DictReader(io.StringIO(text)):
             if row["sha256"] and not row["note"]:
                 images[row["sha256"]] = Image(row["path"], row["class"], row["split"])
     except (KeyError, csv.Error) as exc:
-        raise DataError(f"{MANIFEST} at {revision or WORKING_TREE}: not a manifest ({exc})") from None
+        raise DataError(f"{where}: not a manifest ({exc})") from None
     return images
 
 

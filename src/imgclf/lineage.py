@@ -35,8 +35,9 @@ from typing import Any, NoReturn
 import yaml
 
 from imgclf import cli, tracking
+from imgclf.champion_record import HISTORY_TAG
 from imgclf.config import MlflowConfig, load_section, read_params
-from imgclf.errors import ConfigError, DataError, TrackingError
+from imgclf.errors import ConfigError, DataError
 from imgclf.paths import ROOT
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -72,12 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _client() -> Any:
     """An MlflowClient of the configured store, after checking it can be used (read only)."""
     store = tracking.tracking_uri()
-    if store.startswith("sqlite:///"):
-        database = Path(store.removeprefix("sqlite:///").split("?", 1)[0])
-        if not database.is_file():
-            raise TrackingError(f"no MLflow store at {database}: run `dvc repro` first, or set "
-                                "MLFLOW_TRACKING_URI to the store that holds the runs")
-    tracking.check_reachable(store)
+    tracking.check_store(store, "the runs")
     import mlflow
 
     mlflow.set_tracking_uri(store)
@@ -363,8 +359,9 @@ def format_lineage(x: Lineage) -> str:
         for v in x.versions:
             when = _time(v["registered_ms"])
             aliases = f", alias {', '.join(v['aliases'])} now" if v["aliases"] else ", no alias now"
-            tags = ", ".join(f"{k}={val}" for k, val in v["tags"].items())
+            tags = ", ".join(f"{k}={val}" for k, val in v["tags"].items() if k != HISTORY_TAG)
             lines.append(f"    {v['name']} version {v['version']}: registered {when}{aliases}" + (f"; tags {tags}" if tags else ""))
+            lines += [f"      {entry}" for entry in v["tags"].get(HISTORY_TAG, "").splitlines()]
     else:
         lines.append("  registry:        not registered")
     if x.restore:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.config import CNNConfig, MLPConfig
+from imgclf.config import ArchConfig
+from imgclf.data.dataset import cgroup_memory
 from imgclf.diskspace import human
 from imgclf.errors import TrainingError
 from imgclf.models import build_model
@@ -78,7 +79,7 @@ def _activations(skeleton: nn.Module, in_shape: tuple[int, int, int]) -> tuple[i
     return kept // 2, pair // 2, largest // 2
 
 
-def estimate_training(arch: MLPConfig | CNNConfig, in_shape: tuple[int, int, int], classes: int, optimizer: str,
+def estimate_training(arch: ArchConfig, in_shape: tuple[int, int, int], classes: int, optimizer: str,
                       momentum: float, batch_size: int, eval_batch: int) -> Estimate:
     """What one process training `arch` needs, in bytes (the module docstring has its
     calibration). The model is built on the meta device: nothing is allocated."""
@@ -99,7 +100,7 @@ def estimate_training(arch: MLPConfig | CNNConfig, in_shape: tuple[int, int, int
 EVALUATE_RUNTIME_BYTES = 500 * MIB
 
 
-def estimate_inference(arch: MLPConfig | CNNConfig, in_shape: tuple[int, int, int], classes: int,
+def estimate_inference(arch: ArchConfig, in_shape: tuple[int, int, int], classes: int,
                        batch_size: int) -> Estimate:
     """What the evaluate stage needs, in bytes: the weights twice (the checkpoint as loaded and
     the model), and per image of a batch its pixels as floats twice (converted, then normalized)
@@ -117,28 +118,15 @@ def estimate_inference(arch: MLPConfig | CNNConfig, in_shape: tuple[int, int, in
 
 def _cgroup_v1_or_v2() -> tuple[int, int] | None:
     """(limit, bytes used by the group's other processes) of this process's memory cgroup."""
+    limited = cgroup_memory()
+    if limited is None:
+        return None
+    limit, anonymous = limited
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
         own = _own_anon()
     except OSError:
         return None
-    for line in lines:
-        hierarchy, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            group, limit_file, anon_key = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes", "rss"
-        elif hierarchy == "0" and not controllers:
-            group, limit_file, anon_key = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "anon"
-        else:
-            continue
-        try:
-            limit = (group / limit_file).read_text().strip()
-            stat = dict(x.split() for x in (group / "memory.stat").read_text().splitlines() if x)
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
-            continue
-        return int(limit), max(0, int(stat.get(anon_key, 0)) - own)
-    return None
+    return limit, max(0, anonymous - own)
 
 
 def _own_anon() -> int:

@@ -176,16 +176,6 @@ def from_checkpoint(path: Path) -> Predictor:
                      _check_transparency(state.get("transparency", images.LEGACY_TRANSPARENCY), str(path)))
 
 
-def _check_store(store: str) -> None:
-    """Fail in one line, and fast, where MLflow would create an empty store or retry for minutes."""
-    if store.startswith("sqlite:///"):
-        database = Path(store.removeprefix("sqlite:///").split("?", 1)[0])
-        if not database.is_file():
-            raise TrackingError(f"no MLflow store at {database}: run `dvc repro` first, or set "
-                                "MLFLOW_TRACKING_URI to the store that holds the model")
-    tracking.check_reachable(store)
-
-
 def _signature_shape(metadata: Any) -> list[int] | None:
     """(C, H, W) from a tensor input signature (-1, C, H, W), for models logged without metadata."""
     schema = metadata.get_input_schema()
@@ -209,7 +199,7 @@ def from_mlflow(uri: str) -> Predictor:
     stores you trust."""
     store = tracking.tracking_uri()
     if uri.startswith(STORE_SCHEMES):
-        _check_store(store)
+        tracking.check_store(store, "the model")
     local = _local_model_dir(uri)
     # MLflow copies whatever a local URI names before it looks inside: `--model-uri /` would copy
     # the whole disk. A model directory is recognized by its MLmodel file, and read in place.

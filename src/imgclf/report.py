@@ -339,9 +339,36 @@ def _champion_blocks(decision: dict[str, Any] | None) -> list[tuple[Any, ...]]:
                               "Difference (points)"], rows, "lrrr"),
                    ("p", f"Policy: {t.get('policy', '')}. The record is on the model version (tags promotion.*) "
                          "and its MLflow run (champion/comparison.json).")]
+    if rec is not None and rec.get("data_change"):
+        blocks += _data_change_blocks(rec["data_change"], rec["champion"])
     if t.get("manual.action"):
         blocks.append(("p", f"Since then {t['manual.action']} by hand by {t.get('manual.by', 'unknown')} "
                             f"(replacing version {t.get('manual.replaced', 'none')}): {t.get('manual.reason', '')}."))
+    return blocks
+
+
+def _data_change_blocks(change: dict[str, Any], champion: str) -> list[tuple[Any, ...]]:
+    """The data the champion learned against today's, from both manifests (imgclf.champion.data_change)."""
+    blocks: list[tuple[Any, ...]] = [("h3", "What changed in the data")]
+    counts, changes = change["counts"], change["changes"]
+    if not changes:
+        blocks.append(("p", f"Nothing: today's images are the ones version {champion} learned from."))
+    if change["moved_split"]:
+        blocks.append(("p", f"Warning: {change['moved_split']} image(s) changed split since version {champion}'s "
+                            "data (a changed preprocess.seed or fraction): its test and training images overlap "
+                            "today's."))
+    zero = {"train": 0, "val": 0, "test": 0}
+    rows = []
+    for cls in sorted(set(counts["old"]) | set(counts["new"])):
+        old, new, n = counts["old"].get(cls, zero), counts["new"].get(cls, zero), changes.get(cls, {})
+        rows.append([cls, "/".join(str(old[s]) for s in ("train", "val", "test")),
+                     "/".join(str(new[s]) for s in ("train", "val", "test")), str(n.get("added", 0)),
+                     str(n.get("removed", 0)), str(n.get("relabelled_in", 0)), str(n.get("relabelled_out", 0))])
+    blocks.append(("table", ["class", f"version {champion} learned (train/val/test)", "today (train/val/test)",
+                             "added", "removed", "relabelled in", "relabelled out"], rows, "lrrrrrr"))
+    if change["relabelled"]:
+        shown = ", ".join(f"{r['path']} ({r['from']} → {r['to']})" for r in change["relabelled"])
+        blocks.append(("p", f"Relabelled, e.g.: {shown}."))
     return blocks
 
 

@@ -240,6 +240,17 @@ def runs_page(ui: str, experiment_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def check_store(store: str, holds: str) -> None:
+    """For commands that only read: fail in one line, and fast, where MLflow would create an
+    empty SQLite store or retry an unreachable server for minutes."""
+    if store.startswith("sqlite:///"):
+        database = Path(store.removeprefix("sqlite:///").split("?", 1)[0])
+        if not database.is_file():
+            raise TrackingError(f"no MLflow store at {database}: run `dvc repro` first, or set "
+                                f"MLFLOW_TRACKING_URI to the store that holds {holds}")
+    check_reachable(store)
+
+
 def setup(experiment: str, registered_model: str | None = None) -> str:
     """Point MLflow at the store, check that this user may log to `experiment` (and register
     versions of `registered_model`, when given), and return the experiment id. The experiment

@@ -187,8 +187,21 @@ def memory_available() -> int | None:
     try:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M).group(1)) * 1024
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
     except (OSError, AttributeError):
+        return None
+    limited = cgroup_memory()
+    if limited is not None:
+        limit, anonymous = limited
+        available = min(available, limit - anonymous)
+    return max(0, available)
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, anonymous bytes in use) of this process's memory cgroup, v1 or v2, or None when
+    it has no limit (or this is not Linux). Anonymous memory cannot be reclaimed for the cache."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
         return None
     for line in lines:
         hierarchy, controllers, path = line.split(":", 2)
@@ -201,11 +214,12 @@ def memory_available() -> int | None:
         try:
             limit = (group / limit_file).read_text().strip()
             stat = dict(x.split() for x in (group / "memory.stat").read_text().splitlines() if x)
-            if limit != "max":
-                available = min(available, int(limit) - int(stat.get(anon_key, 0)))
         except (OSError, ValueError):
-            pass
-    return max(0, available)
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            continue
+        return int(limit), int(stat.get(anon_key, 0))
+    return None
 
 
 def _advise_random(array: np.memmap) -> None:
