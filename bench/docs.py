@@ -106,7 +106,7 @@ def _run_section(record: dict[str, Any]) -> list[str]:
         whole = f"`dvc repro -f` {_s(pipe['dvc_repro_force_s'])}; " if "dvc_repro_force_s" in pipe else ""
         out += [f"{whole}`dvc repro` with nothing to do {_s(pipe['dvc_repro_nothing_to_do_s'])}; "
                 f"`dvc exp run -S {pipe['changed_param']}` {_s(pipe['dvc_exp_run_after_one_train_param_s'])} "
-                f"(reran: {', '.join(pipe['stages_after_change']) or 'nothing'}).", ""]
+                f"(reran: {', '.join(sorted(pipe['stages_after_change']['ran'])) or 'nothing'}).", ""]
     return out
 
 

@@ -40,6 +40,15 @@ def test_a_records_figures_and_provenance_reach_the_readme_table():
     assert block.startswith(docs.BEGIN) and block.endswith(docs.END)
 
 
+def test_the_pipeline_timings_name_the_stages_a_change_reran():
+    record = _record()
+    record["pipeline"] = {"dvc_repro_force_s": 165.1, "dvc_repro_nothing_to_do_s": 1.01,
+                          "dvc_exp_run_after_one_train_param_s": 46.62, "changed_param": "models.mlp.train.lr=0.05",
+                          "stages_after_change": {"ran": ["train@mlp", "evaluate@mlp"], "restored_from_run_cache": []}}
+    assert ("`dvc repro -f` 165.1 s; `dvc repro` with nothing to do 1.01 s; `dvc exp run -S models.mlp.train.lr=0.05` "
+            "46.62 s (reran: evaluate@mlp, train@mlp).") in docs.document([record])
+
+
 def test_forced_kernels_are_labelled_as_forced():
     record = _record(kernels={"aten": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
     record["machine"]["cpu"].update(family=26, model_number=2, features=["avx512_bf16"])
