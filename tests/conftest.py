@@ -25,9 +25,10 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # loadfile, --no-loadscope-reorder); test_real_data.py (one test) last, as a worker takes the
 # next file along to finish a file's last test. Speed only: any order passes (--shuffle-files).
 LONGEST_FIRST = (
-    "test_team.py", "test_pipeline.py", "test_tracking_server.py", "test_mlflow_ui.py",
-    "test_image_folder_workflow.py", "test_registry.py", "test_s3.py", "test_interrupt.py", "test_distributed.py",
-    "test_more_datasets.py", "test_real_data.py",
+    "test_team.py", "test_tracking_server.py", "test_image_folder_workflow.py", "test_registry.py",
+    "test_pipeline.py", "test_mlflow_ui.py", "test_champion_pipeline.py", "test_lineage.py", "test_s3.py",
+    "test_interrupt.py", "test_distributed.py", "test_champion.py", "test_memory.py", "test_more_datasets.py",
+    "test_names.py", "test_real_data.py",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import http.server
@@ -212,9 +213,10 @@ def tiny_project(base: Path, extra=None, train_per_class: int = 30,
         def tiny(params):
             params["download"].update(dataset="fashion_mnist", retries=0)
             params["datasets"]["fashion_mnist"].update(mirrors=[url], files=checksums)
-            params["train"].update(TINY["train"])
-            params.update({k: TINY[k] for k in ("evaluate", "report")})
-            params["models"] = {name: TINY["models"][name] for name in models}
+            # Copies: an `extra` that edits a model's entry must not edit TINY for the tests after it.
+            params["train"].update(copy.deepcopy(TINY["train"]))
+            params.update({k: copy.deepcopy(TINY[k]) for k in ("evaluate", "report")})
+            params["models"] = {name: copy.deepcopy(TINY["models"][name]) for name in models}
             if extra is not None:
                 extra(params)
 

@@ -508,3 +508,57 @@ def test_the_record_says_what_changed_in_the_data_since_the_champion_learned(sto
     table = next(b for b in blocks if b[0] == "table")
     assert table[2][0] == ["a", "5/0/5", "8/0/5", "3", "0", "0", "0"]
     assert table[2][1] == ["b", "5/0/5", "3/0/5", "0", "2", "0", "0"]
+
+
+# A stage process of its own: waits for `go`, then evaluates one challenger as evaluate@ would.
+CONTENDER = """
+import json, sys, time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, sys.argv[1])
+import test_champion as t
+
+tmp, experiment_id, name, right = Path(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+processed = tmp / "processed"
+meta = json.loads((processed / "meta.json").read_text())
+actual = [meta["classes"][k] for k in np.load(processed / "test_labels.npy")]
+while not (tmp / "go").exists():
+    time.sleep(0.01)
+challenge = t.Pipeline(experiment_id, name, processed, meta, actual).evaluate(right)
+print(json.dumps([challenge.version, challenge.outcome]))
+"""
+
+
+@pytest.mark.slow
+def test_two_evaluations_at_once_leave_the_champion_the_rule_says(store, name, tmp_path):
+    """Two stage processes evaluate at the same moment, a good challenger and a better one: in
+    either order the rule crowns the better one (the good one may be crowned first, then beaten),
+    so whatever the interleaving it must end champion, never the one that merely wrote last."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    processed, meta, actual = _processed(tmp_path, CLASSES)
+    Pipeline(store, name, processed, meta, actual).evaluate({c: 50 for c in CLASSES})  # version 1: 50%
+    good, better = {c: 80 for c in CLASSES}, {c: 95 for c in CLASSES}
+    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(Path(__file__).parent), str(tmp_path), store, name,
+                               json.dumps(right)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=os.environ.copy())
+             for right in (good, better)]
+    (tmp_path / "go").touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    (good_version, good_outcome), (better_version, better_outcome) = results
+    p = Pipeline(store, name, processed, meta, actual)
+    assert p.champion() == better_version and better_outcome == "promoted"
+    # The good one went first and was crowned, or second and compared with the better one.
+    assert good_outcome in ("promoted", "kept")
+    compared = p.tags(good_version)["promotion.compared_against"]
+    assert compared == ("1" if good_outcome == "promoted" else better_version)
+    assert p.tags(better_version)["promotion.compared_against"] == ("1" if good_outcome == "kept" else good_version)
