@@ -30,9 +30,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -c requirements.lock -e '.[test]'
-	@# pip byte-compiles in one process (70 of the install's 140 s on 2 cores); compileall uses
-	@# every CPU (37 s). torch's own test helpers are left out (one is Python 3.12 syntax). A file
-	@# that does not compile is compiled when imported, if ever: no reason to stop the set-up.
+	@# compileall uses every CPU where pip byte-compiles in one process; torch's test helpers are
+	@# left out (one is Python 3.12 syntax), and a file that does not compile stops nothing.
 	@$(BIN)/python -m compileall -q -j 0 -x '/torch/testing/_internal/' $(VENV)/lib >/dev/null || \
 	  echo "venv: some files were not byte-compiled (Python compiles them when they are imported)"
 	@touch $@
