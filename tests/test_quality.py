@@ -190,8 +190,8 @@ def test_resized_and_reencoded_copies_are_found_and_kept_in_one_split(tmp_path):
 def neardup_groups(root: Path) -> list[list[str]]:
     """The groups found, as paths, from the images decoded as read() decodes them."""
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    prints = np.stack([neardup.fingerprint(decode((root / p).read_bytes(), (3, 32, 32), resize="pad")) for p in paths])
-    return [[paths[i] for i in g] for g in neardup.groups(len(paths), neardup.pairs(prints))]
+    prints = neardup.fingerprints(np.stack([decode((root / p).read_bytes(), (3, 32, 32), resize="pad") for p in paths]))
+    return [[paths[i] for i in g] for g in neardup.groups(neardup.pairs(prints))]
 
 
 def test_adding_images_never_moves_an_existing_images_split(tmp_path):
@@ -210,11 +210,11 @@ def test_fingerprints_match_copies_not_neighbours():
     def fp(img: Image.Image, fmt: str = "PNG", **kw) -> np.ndarray:
         buf = io.BytesIO()
         img.save(buf, fmt, **kw)
-        return neardup.fingerprint(decode(buf.getvalue(), (3, 32, 32)))
+        return neardup.fingerprints(decode(buf.getvalue(), (3, 32, 32))[None])[0]
 
     prints = np.stack([fp(a), fp(a.resize((200, 200))), fp(a, "JPEG", quality=60), fp(b)])
     assert neardup.pairs(prints).tolist() == [[0, 1], [0, 2], [1, 2]]
-    assert neardup.groups(4, neardup.pairs(prints)) == [[0, 1, 2]]
+    assert [g.tolist() for g in neardup.groups(neardup.pairs(prints))] == [[0, 1, 2]]
     # The same shapes in another hue (the same gray, so the same hashes) are another picture.
     gray = np.asarray(a.convert("L"), dtype=np.int16) * 150 // 255 + 40
     reddish = np.stack([gray + 40, gray - 20, gray - 20], axis=-1).astype(np.uint8)
@@ -222,3 +222,28 @@ def test_fingerprints_match_copies_not_neighbours():
     hues = np.stack([fp(Image.fromarray(reddish)), fp(Image.fromarray(bluish))])
     assert (hues[0, :13] == hues[1, :13]).all()  # hashes and thumbnail alike
     assert neardup.pairs(hues).tolist() == []
+
+
+def test_a_fingerprint_does_not_depend_on_its_batch():
+    # Preprocess fingerprints a chunk of images at once; an image's bits must be its own.
+    rng = np.random.default_rng(3)
+    for shape in ((1, 28, 28), (3, 64, 48)):
+        batch = rng.integers(0, 256, (40, *shape), dtype=np.uint8)
+        whole = neardup.fingerprints(batch)
+        assert whole.shape == (40, neardup.FINGERPRINT_WORDS) and len(np.unique(whole, axis=0)) == 40
+        for k in (0, 17, 39):
+            assert (neardup.fingerprints(batch[k:k + 1])[0] == whole[k]).all()
+        assert (neardup.fingerprints(batch[5:12]) == whole[5:12]).all()
+
+
+def test_groups_hold_only_the_linked_images():
+    matched = np.array([[9, 12], [5, 9], [20, 30], [100_000_000, 100_000_001]])
+    assert [g.tolist() for g in neardup.groups(matched)] == [[5, 9, 12], [20, 30], [100_000_000, 100_000_001]]
+    assert neardup.groups(np.zeros((0, 2), np.int64)) == []
+    # Pairs among some rows only are positions in those rows.
+    rng = np.random.default_rng(4)
+    a, b, c = rng.integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    prints = neardup.fingerprints(np.stack([a, b, a, c]))
+    assert neardup.pairs(prints).tolist() == [[0, 2]]
+    assert neardup.pairs(prints, among=np.array([1, 2, 3])).tolist() == []
+    assert neardup.pairs(prints, among=np.array([1, 2, 3, 0])).tolist() == [[1, 3]]

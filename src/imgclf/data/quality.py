@@ -27,7 +27,7 @@ BLANK_MARGIN, BLANK_CEILING = 0.05, 0.5
 # Fewer opaque images than this say nothing about the data set's own share of blank ones.
 MIN_BASELINE = 20
 EXAMPLES = 5
-_ORDER = {"test": 0, "val": 1, "train": 2}  # the split that keeps a near-duplicate group
+SPLIT_ORDER = ("test", "val", "train")  # the split that keeps a near-duplicate group: the first
 
 
 @dataclass
@@ -98,10 +98,12 @@ class NearDuplicates:
     summary: dict[str, Any]
 
 
-def near_duplicates(where: str, used: Sequence[tuple[str, str, int]], looks: Looks,
+def near_duplicates(where: str, paths: Sequence[str], splits: np.ndarray, looks: Looks,
                     keep_together: bool) -> NearDuplicates:
-    """Group the used images (path, split, row of `looks`) that are near-duplicates, and count
-    the groups that span splits.
+    """Group the used images that are near-duplicates, and count the groups that span splits.
+    By row of `looks` (rows follow the paths' order): `paths`, and `splits`, each used image's
+    split as an index into SPLIT_ORDER (-1: not used). Arrays, not a Python object per image:
+    what this adds to preprocess's memory is ~40 bytes per image beyond the fingerprints.
 
     keep_together: each group is used in one split only, the first of test, val, train that
     holds one of its images; its images in later splits stay in the manifest with their own
@@ -109,29 +111,27 @@ def near_duplicates(where: str, used: Sequence[tuple[str, str, int]], looks: Loo
     so adding images never moves one; a new near-duplicate in test can only take an existing
     training image out of use, which is what keeps test images unseen.
     """
-    split_of = {path: split for path, split, _ in used}
-    candidates = sorted((path, row) for path, _, row in used if not looks.uniform[row])
-    paths = [path for path, _ in candidates]
-    prints = looks.prints[np.array([row for _, row in candidates], dtype=np.int64)]
-    found = [[paths[i] for i in g] for g in neardup.groups(len(paths), neardup.pairs(prints))]
-    across = [g for g in found if len({split_of[p] for p in g}) > 1]
+    candidates = np.flatnonzero((splits >= 0) & ~looks.uniform)  # ascending: by path
+    found = [candidates[g] for g in neardup.groups(neardup.pairs(looks.prints, among=candidates))]
+    across = [g for g in found if len(set(splits[g].tolist())) > 1]
     left_out: dict[str, str] = {}
     if keep_together:
         for g in across:
-            keep = min((split_of[p] for p in g), key=_ORDER.__getitem__)
-            anchor = next(p for p in g if split_of[p] == keep)
-            left_out.update({p: f"near-duplicate of {anchor} ({keep})" for p in g if split_of[p] != keep})
+            anchor = g[np.argmin(splits[g])]  # the first image of the most protected split
+            keep = splits[anchor]
+            left_out.update({paths[r]: f"near-duplicate of {paths[anchor]} ({SPLIT_ORDER[keep]})"
+                             for r in g if splits[r] != keep})
     summary = {
         "action": "keep_together" if keep_together else "report",
-        "groups": len(found), "images": sum(len(g) for g in found),
+        "groups": len(found), "images": int(sum(len(g) for g in found)),
         "groups_across_splits": len(across), "left_out": len(left_out),
-        "examples": [[{"path": p, "split": split_of[p]} for p in g] for g in across[:EXAMPLES]],
+        "examples": [[{"path": paths[r], "split": SPLIT_ORDER[splits[r]]} for r in g] for g in across[:EXAMPLES]],
     }
     if across:
         what = (f"{len(left_out)} image(s) left out so that each group is used in one split" if keep_together
                 else "set near_duplicates: keep_together to use each group in one split")
         log.warning("%s: %d near-duplicate group(s) span splits (e.g. %s); %s", where, len(across),
-                    ", ".join(f"{p} ({split_of[p]})" for p in across[0][:3]), what)
+                    ", ".join(f"{paths[r]} ({SPLIT_ORDER[splits[r]]})" for r in across[0][:3]), what)
     elif found:
         log.info("%s: %d near-duplicate group(s), each within one split", where, len(found))
     return NearDuplicates(left_out, summary)
