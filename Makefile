@@ -22,7 +22,7 @@ help:
 	@echo "make mlflow-server  the team tracking server (set MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY; see docs/mlflow.md)"
 	@echo "make mlflow-user MLFLOW_USER=alice PERMISSION=EDIT  add a user to the team server (an admin's MLFLOW_TRACKING_* set)"
 	@echo "make bench      speed and accuracy figures on the real data (BENCH_ARGS=--seeds 1 for a quick look)"
-	@echo "make bench-scale  how preprocessing, training and DVC cost grow with the data (docs/scale.md; ~15 min, root for memory limits)"
+	@echo "make bench-scale  how preprocessing, training and DVC cost grow with the data (docs/scale.md; ~20 min, root for memory limits)"
 
 venv: $(VENV)/.installed
 
@@ -97,6 +97,7 @@ bench: venv data-source
 
 # How cost grows with the data (docs/scale.md): preprocess images/s and memory at 1x and 4x, training
 # from memory-mapped splits (also under a cgroup memory limit of half their size, which needs root),
-# DVC on 70,000 files. One JSON document on stdout and in .bench/scale/scale.json; ~15 minutes on 2 cores.
+# near-duplicate detection's cost and recall, DVC on 70,000 files. One JSON document on stdout and in
+# .bench/scale/scale.json; ~20 minutes on 2 cores (the near-duplicate section alone ~8).
 bench-scale: venv data-source
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)

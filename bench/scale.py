@@ -16,11 +16,13 @@ Prints one JSON document (and writes it to --out, default .bench/scale/scale.jso
   splits into memory vs memory-mapped (page cache warm), and memory-mapped under a cgroup
   limit of half the processed arrays (page cache emptied first, so every page is read under
   the limit); the checkpoint and metrics must be byte-identical across the three.
-- `near_duplicates`: what near-duplicate detection (imgclf.data.neardup) adds to preprocess on
-  the generated sets: per-image seconds to decode alone vs decode plus the checks (uniformity,
-  fingerprint), measured on a sample in this process; the grouping's seconds and peak memory
-  over every image's fingerprint; and the fingerprints' bytes per image next to the manifest's.
-  `--near-duplicates-only` runs just this section (on --images and 4x --images).
+- `near_duplicates`: what near-duplicate detection (imgclf.data.neardup) and the blank-image
+  check add to the real preprocess stage on the generated 1x and 4x sets: the stage with no
+  checks, with the blank-image check only and with both (as shipped), interleaved, in the same
+  memory limit; the share of the stage's time each takes, and what each adds to peak memory
+  per image next to the rest of the bookkeeping and the manifest's bytes per image; and how
+  well copies are told from other pictures on Fashion-MNIST's test images (`detection`).
+  `--near-duplicates-only` runs just this section.
 - `dvc`: `dvc add`, `dvc status` with nothing changed, `dvc push` / `dvc pull` through a local
   remote, and `dvc add` / `dvc push` after 1% more images, for the 70,000-file folder with
   DVC's defaults, with the settings docs/scale.md recommends, and as one tar archive.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
@@ -77,6 +80,15 @@ CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 # --- the machine ------------------------------------------------------------------------------
 
+def _pipeline():
+    """bench/pipeline.py, home of the CPU's generation and the commit a record names. Loaded
+    when asked: it imports torch, which the preprocess runs measured here must not pay for."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pipeline
+
+    return pipeline
+
+
 def machine() -> dict:
     model, flags = "unknown", set()
     try:
@@ -107,6 +119,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": versions,
         "cgroup_v1_memory": cgroup_root() is not None,
+        **_pipeline().cpu_generation(),
     }
 
 
@@ -350,9 +363,9 @@ def processed_files(proj: Path) -> list[Path]:
     return sorted((proj / "data" / "processed").glob("*.npy"))
 
 
-def preprocess(proj: Path, n_images: int, limit_mb: int | None) -> dict:
+def preprocess(proj: Path, n_images: int, limit_mb: int | None, cmd: list[str] | None = None) -> dict:
     shutil.rmtree(proj / "data" / "processed", ignore_errors=True)
-    result = measure([PY, "stages/preprocess.py"], proj, limit_mb)
+    result = measure(cmd or [PY, "stages/preprocess.py"], proj, limit_mb)
     if result["rc"] == 0:
         result["images"] = n_images
         result["images_per_s"] = round(n_images / result["seconds"], 1)
@@ -414,51 +427,125 @@ def train_in_memory(model: str) -> None:
 
 # --- DVC --------------------------------------------------------------------------------------
 
-def _fingerprints(paths: list[str]) -> list:
+# What preprocess checks beyond decoding, and how a run leaves them out: the real stage with
+# the checks' functions replaced by ones that do nothing (see preprocess_without).
+CHECKS = ("none", "no_near_duplicates", "all")
+
+
+def preprocess_without(what: str) -> None:
+    """The preprocess stage of the project in the current directory with some checks left out:
+    `near_duplicates` (no fingerprints, no grouping), `checks` (that and the blank-image
+    check) or `nothing`. The same code otherwise; forked workers inherit the replacements.
+    Every variant measured runs through here, so all pay the same start-up."""
+    import runpy
+
+    sys.path[:0] = [str(Path.cwd() / "stages"), str(Path.cwd() / "src")]  # as running the script would
+    from imgclf.data import folder, neardup
+
+    if what in ("near_duplicates", "checks"):
+        neardup.fingerprints = lambda pixels: np.zeros((len(pixels), neardup.FINGERPRINT_WORDS), np.uint64)
+        neardup.pairs = lambda prints, *args, **kwargs: np.zeros((0, 2), np.int64)
+        neardup.groups = lambda matched: []
+    if what == "checks":
+        folder.is_uniform = lambda pixels: False
+    sys.argv = ["stages/preprocess.py"]
+    runpy.run_path("stages/preprocess.py", run_name="__main__")
+
+
+# How copies are made of a 28x28 picture: (size it is resized to, pixels cropped from each side
+# of that, format and its options).
+COPIES = {
+    "resized_3x_png": (84, 0, "PNG", {}),
+    "jpeg_q70": (28, 0, "JPEG", {"quality": 70}),
+    "resized_2x_jpeg_q90": (56, 0, "JPEG", {"quality": 90}),
+    "resized_4x_crop_1px_each_side": (112, 1, "PNG", {}),
+    "resized_4x_crop_2px_each_side": (112, 2, "PNG", {}),
+    "resized_4x_crop_4px_each_side": (112, 4, "PNG", {}),
+    "crop_1px_each_side": (28, 1, "PNG", {}),
+}
+
+
+def near_duplicate_detection(copies: int = 1000) -> dict:
+    """How well imgclf.data.neardup tells copies from other pictures, on Fashion-MNIST's 10,000
+    test images (28x28 gray; the copies decoded as an image folder's would be): the
+    groups found among them (each a false match unless the two are one photograph), and, for
+    copies of the first `copies` made each way of COPIES, the share found with their original
+    and the share matched to another image."""
+    import tempfile
+
+    from imgclf.config import DownloadConfig, load_dataset, load_section, read_params
     from imgclf.data import neardup
+    from imgclf.data.download import fetch_all
     from imgclf.data.images import decode
-    out = []
-    for path in paths:
-        out.append(neardup.fingerprint(decode(Path(path).read_bytes(), (3, 64, 64), resize="stretch")))
+    from imgclf.data.raw import load_raw
+
+    params = read_params()  # as the download stage fetches them: Debian's copy first
+    download, ds = load_section("download", DownloadConfig, params), load_dataset("fashion_mnist", params)
+    with tempfile.TemporaryDirectory(prefix="bench-neardup-") as raw:
+        fetch_all(ds.files or {}, ds.mirrors or [], Path(raw), timeout_s=download.timeout_s, retries=download.retries)
+        originals = load_raw(Path(raw), ds.format, tuple(ds.classes or ()))[1].images  # test: (n, 1, 28, 28)
+    n = len(originals)
+    prints = neardup.fingerprints(originals)
+    started = time.perf_counter()
+    among = neardup.groups(neardup.pairs(prints))
+    out: dict = {"images": n, "groups": len(among), "images_grouped": sum(map(len, among)),
+                 "grouping_s": round(time.perf_counter() - started, 3), "copies": {}}
+    for name, (size, crop, fmt, options) in COPIES.items():
+        made = []
+        for pixels in originals[:copies, 0]:
+            img = Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC)
+            img = img.crop((crop, crop, size - crop, size - crop))
+            buf = io.BytesIO()
+            img.save(buf, fmt, **options)
+            made.append(decode(buf.getvalue(), (1, 28, 28)))
+        both = np.concatenate([prints, neardup.fingerprints(np.stack(made))])
+        matched = neardup.pairs(both)
+        copy_pairs = matched[matched[:, 1] >= n]
+        found = {int(j) - n for i, j in copy_pairs if i == j - n}
+        wrong = {int(j) - n for i, j in copy_pairs if i < n and i != j - n}
+        out["copies"][name] = {"found": round(len(found) / copies, 4), "matched_elsewhere": round(len(wrong) / copies, 4)}
     return out
 
 
-def near_duplicate_cost(folder: Path, side: int, sample: int = 3000) -> dict:
-    """Seconds per image of decoding with and without the checks preprocess adds (on `sample`
-    files, one process), and the grouping's seconds and peak memory over all the folder's images."""
-    sys.path.insert(0, str(ROOT / "src"))
-    import tracemalloc
-
-    from imgclf.data import neardup
-    from imgclf.data.images import decode, is_uniform
-    files = sorted(str(p) for p in folder.rglob("*.jpg"))
-    some = [Path(f).read_bytes() for f in files[:sample]]
-    started = time.perf_counter()
-    for data in some:
-        decode(data, (3, side, side), resize="stretch")
-    decode_s = (time.perf_counter() - started) / len(some)
-    started = time.perf_counter()
-    for data in some:
-        pixels = decode(data, (3, side, side), resize="stretch")
-        is_uniform(pixels)
-        neardup.fingerprint(pixels)
-    checked_s = (time.perf_counter() - started) / len(some)
-    with Pool(len(os.sched_getaffinity(0))) as pool:
-        prints = np.stack([f for chunk in pool.map(_fingerprints, [files[i:i + 1000] for i in range(0, len(files), 1000)])
-                           for f in chunk])
-    tracemalloc.start()
-    started = time.perf_counter()
-    found = neardup.groups(len(prints), neardup.pairs(prints))
-    group_s = time.perf_counter() - started
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    manifest_bytes = sum(len(f"{Path(f).relative_to(folder)},c0,train,{'0' * 64},\n") for f in files)
-    return {"images": len(files), "sample": len(some), "decode_us_per_image": round(decode_s * 1e6, 1),
-            "decode_and_checks_us_per_image": round(checked_s * 1e6, 1),
-            "checks_share_of_decode": round((checked_s - decode_s) / decode_s, 3),
-            "grouping_s": round(group_s, 2), "grouping_peak_mb": round(peak / MB, 1), "groups_found": len(found),
-            "fingerprint_bytes_per_image": int(prints.nbytes / len(prints)),
-            "manifest_bytes_per_image": round(manifest_bytes / len(files), 1)}
+def near_duplicate_cost(proj: Path, entries: dict, sizes: dict[str, int], limit_mb: int | None,
+                        repeats: int = 3) -> dict:
+    """The real preprocess stage on the 1x and 4x generated sets with no checks, with the
+    blank-image check only, and with every check (as shipped), interleaved `repeats` times so
+    that a change in the machine's load falls on all three alike; the fastest run of each.
+    Near-duplicate detection's share is what `all` adds to `no_near_duplicates`, of `all`; its
+    memory, what it adds to the peak per image between 1x and 4x, next to what the rest of
+    preprocess adds (paths, hashes, manifest rows) and the manifest's own bytes per image."""
+    without = {"none": "checks", "no_near_duplicates": "near_duplicates", "all": "nothing"}
+    commands = {check: [PY, str(ROOT / "bench" / "scale.py"), "preprocess-without", left_out]
+                for check, left_out in without.items()}
+    out: dict = {"limit_mb": limit_mb, "repeats": repeats}
+    for name in ("synth_1x", "synth_4x"):
+        project(proj, entries, name, TRAIN, MODEL)
+        runs: dict[str, list[dict]] = {check: [] for check in CHECKS}
+        for _ in range(repeats):
+            for check in CHECKS:
+                runs[check].append(preprocess(proj, sizes[name], limit_mb, commands[check]))
+        best = {check: min(r, key=lambda x: (x["rc"] != 0, x["seconds"])) for check, r in runs.items()}
+        case = {check: {**best[check], "seconds_all_runs": [r["seconds"] for r in runs[check]]} for check in CHECKS}
+        if all(best[c]["rc"] == 0 for c in CHECKS):
+            all_s, without_s, none_s = (best[c]["seconds"] for c in ("all", "no_near_duplicates", "none"))
+            case["near_duplicates_share"] = round((all_s - without_s) / all_s, 3)
+            case["blank_check_share"] = round((without_s - none_s) / all_s, 3)
+            case["manifest_bytes_per_image"] = round(
+                (proj / "data" / "processed" / "manifest.csv").stat().st_size / sizes[name], 1)
+            meta = json.loads((proj / "data" / "processed" / "meta.json").read_text())
+            case["near_duplicate_groups"] = meta.get("near_duplicates", {}).get("groups")
+        out[name] = case
+        log(f"near_duplicates {name}", {c: case[c]["seconds"] for c in CHECKS})
+    one, four = out["synth_1x"], out["synth_4x"]
+    added = sizes["synth_4x"] - sizes["synth_1x"]
+    if all(one[c].get("peak_anon_mb") and four[c].get("peak_anon_mb") for c in CHECKS):
+        slope = {c: (four[c]["peak_anon_mb"] - one[c]["peak_anon_mb"]) * MB / added for c in CHECKS}
+        out["anon_bytes_per_image"] = {c: round(v) for c, v in slope.items()}
+        out["near_duplicates_bytes_per_image"] = round(slope["all"] - slope["no_near_duplicates"])
+    out["detection"] = near_duplicate_detection()
+    log("near_duplicates detection", out["detection"])
+    return out
 
 
 def run_timed(cmd: list[str], cwd: Path) -> float:
@@ -555,6 +642,7 @@ def main() -> None:
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_start": load(),
+                    "provenance": _pipeline().provenance(),
                     "trash_pending_at_start": len(list(TRASH.iterdir())) if TRASH.exists() else 0}
     limited = cgroup_root() is not None
 
@@ -564,7 +652,7 @@ def main() -> None:
     data.mkdir(exist_ok=True)
     n1, n4 = args.images, 4 * args.images
     made = {}
-    if not (data / "fashion_png").is_dir():
+    if not (data / "fashion_png").is_dir() and not args.near_duplicates_only:
         made["fashion_png_s"] = make_fashion(data / "fashion_png")
     synth = f"synth{args.side}"
     if not (data / f"{synth}_4x_{n4}").is_dir():
@@ -572,12 +660,6 @@ def main() -> None:
     if not (data / f"{synth}_1x_{n1}").is_dir():
         link_subset(data / f"{synth}_4x_{n4}", data / f"{synth}_1x_{n1}", 0.25)
     report["made"] = made
-    report["near_duplicates"] = {
-        scale: near_duplicate_cost(data / f"{synth}_{scale}_{n}", args.side) for scale, n in (("1x", n1), ("4x", n4))}
-    log("near_duplicates", report["near_duplicates"])
-    if args.near_duplicates_only:
-        print(json.dumps(report, indent=2))
-        return
 
     proj = WORK / "proj"
     trash(proj)
@@ -598,6 +680,10 @@ def main() -> None:
     # --- preprocess: the real stage, every run under the same memory limit -------------------
     pre: dict = {"limit_mb": PRE_LIMIT_MB if limited else None}
     sizes = {"fashion_png": FASHION_IMAGES, "synth_1x": n1, "synth_4x": n4}
+    report["near_duplicates"] = near_duplicate_cost(proj, entries, sizes, pre["limit_mb"])
+    if args.near_duplicates_only:
+        finish(report, args.out, started)
+        return
     for name in ("fashion_png", "synth_1x", "synth_4x"):
         project(proj, entries, name, TRAIN, MODEL)
         pre[name] = preprocess(proj, sizes[name], pre["limit_mb"])
@@ -669,11 +755,16 @@ def main() -> None:
             report["dvc"][name] = dvc_case(name, data / "fashion_png", config, jobs, archive)
             log(f"dvc {name}", report["dvc"][name])
 
+    finish(report, args.out, started)
+
+
+def finish(report: dict, out: Path, started: float) -> None:
+    """Print the report and write it to `out`."""
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_end"] = load()
     text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
     print(text)
     empty_trash()
 
@@ -696,5 +787,7 @@ DVC_CASES = {
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train-in-memory"]:
         train_in_memory(sys.argv[2])
+    elif sys.argv[1:2] == ["preprocess-without"]:
+        preprocess_without(sys.argv[2])
     else:
         main()

@@ -251,9 +251,8 @@ def _decode_job(job: Job) -> Decoded:
 
 
 def _decode_chunk(jobs: list[Job]) -> list[Decoded]:
-    """A chunk's images decoded, then the ones with content fingerprinted in one batch (a
-    fifth of the cost of one at a time). Chunks are cut from the job stream alone, so each
-    image's batch, and so its fingerprint, is the same whatever the number of workers."""
+    """A chunk's images decoded, then the ones with content fingerprinted in one batch: ~10 µs
+    per 64x64 RGB image, where one at a time cost ~70 (imgclf.data.neardup.fingerprints)."""
     done = [_decode_job(job) for job in jobs]
     rows = [k for k, (_, _, pixels, _, seen) in enumerate(done) if pixels is not None and not seen[1]]
     if rows:
