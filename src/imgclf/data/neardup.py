@@ -89,7 +89,8 @@ def fingerprints(pixels: np.ndarray) -> np.ndarray:
     """
     n, channels, height, width = pixels.shape
     # The channels' sum, not their mean: integer adds cost a quarter of numpy's mean over an
-    # axis, and the hashes do not see the scale (the thumbnail is divided below, 24x24 values).
+    # axis. The hashes compare coefficients with their median, so the scale is theirs to ignore;
+    # the thumbnail needs gray levels, so the 24x24 products are divided below.
     total = pixels[:, 0].astype(np.uint16)
     for c in range(1, channels):
         total += pixels[:, c]
